@@ -1,0 +1,1 @@
+"""Accounting and analysis: parameters, FLOPs, rank sensitivity."""

@@ -1,0 +1,28 @@
+"""Command registry. Each command lives in its own module and only parses, calls and prints."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from flexmore.cli import compose, demo, extract, params
+
+app = typer.Typer(
+    name="flexmore",
+    help="Federated Mixture-of-Experts LLMs with rank-heterogeneous experts (FlexMoRE, FLEx).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("extract")(extract.extract_command)
+app.command("params")(params.params_command)
+app.command("compose")(compose.compose_command)
+app.command("demo")(demo.demo_command)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

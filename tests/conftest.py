@@ -1,0 +1,5 @@
+import os
+
+# Tests never download: fail fast if anything tries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
