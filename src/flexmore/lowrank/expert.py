@@ -118,7 +118,7 @@ class ExpertReader:
         self.path = self.folder / WEIGHTS
         try:
             self._fh = safe_open(str(self.path), framework="pt")
-            present = set(self._fh.keys())  # noqa: SIM118 - a safe_open handle, not a dict
+            present = set(self._fh.keys())
         except (SafetensorError, OSError) as err:
             raise ExpertFileError(f"{self.path}: cannot read safetensors file ({err})") from err
         for key in self.meta.tensor_specs(torch.float32):
