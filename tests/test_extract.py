@@ -261,3 +261,13 @@ def test_existing_output_is_kept(ckpt3: Path, tmp_path: Path) -> None:
 def test_factorize_rejects_bad_rank() -> None:
     with pytest.raises(ValueError, match=r"rank must be in \[1, 3\]"):
         factorize(torch.randn(3, 5), 4)
+
+
+def test_hub_id_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flexmore.storage import resolve_source
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="allenai/Flex-nope-2x7B: not a local folder, and the hub download failed"):
+        resolve_source("allenai/Flex-nope-2x7B")
+    with pytest.raises(CheckpointError, match="no such folder"):
+        resolve_source(str(tmp_path / "missing" / "deeper"))
