@@ -94,6 +94,8 @@ def test_count_from_dict() -> None:
         num_attention_heads=4,
         vocab_size=128,
         num_experts=3,
+        pad_token_id=0,
+        eos_token_id=1,
     )
     report = count(mixture_config(cfg.to_dict(), [None, 4, None]))
     assert report.experts == [3 * 2 * 64 * 96, 4 * 3 * 2 * (64 + 96), 3 * 2 * 64 * 96]

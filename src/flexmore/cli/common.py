@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -47,5 +48,6 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (ValueError, FileExistsError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/red] {err}")
+        # Unwrapped and unmarked-up: messages name files and tensors and must stay greppable.
+        console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from err

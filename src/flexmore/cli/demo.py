@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from transformers.utils import logging as hf_logging
 
 from flexmore.cli.common import console, progress_bar
 
@@ -22,6 +23,7 @@ def demo_command(
     from flexmore.storage import FlexOlmoCheckpoint
     from flexmore.toy import save_tiny_flexolmo, tiny_config
 
+    hf_logging.disable_progress_bar()  # our own progress bars only
     start = time.perf_counter()
     source = out / "flexolmo-tiny"
     config = tiny_config(4, hidden_size=128, intermediate_size=352, num_hidden_layers=4, vocab_size=512)
@@ -39,7 +41,7 @@ def demo_command(
     for name in ("code", "math", "news"):
         expert = load_expert(experts_dir / name)
         cells = []
-        for rank in (1, 4, 16, 64, expert.meta.max_rank):
+        for rank in sorted({1, 4, 16, 64, expert.meta.max_rank}):
             err = num = 0.0
             for (layer, proj), (A, B) in load_expert(experts_dir / name, rank).factors.items():
                 delta = ckpt.expert_weight(layer, expert.meta.expert_index, proj) - ckpt.expert_weight(layer, 0, proj)
