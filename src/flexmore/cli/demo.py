@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from transformers.utils import logging as hf_logging
 
 from flexmore.cli.common import console, progress_bar
 
@@ -17,6 +16,8 @@ def demo_command(
 ) -> None:
     """Build a tiny 4-expert FlexOlmo checkpoint locally, extract its three domain experts as low-rank
     experts (PHLoRA), check the reconstruction error per rank, and count parameters of mixtures."""
+    from transformers.utils import logging as hf_logging
+
     from flexmore.analysis.params import count, mixture_config
     from flexmore.lowrank.expert import load_expert
     from flexmore.lowrank.extract import ExtractConfig, extract
