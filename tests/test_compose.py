@@ -165,3 +165,60 @@ def test_cli(world: Path, tmp_path: Path) -> None:
         app, ["compose", "--public", str(world / "src"), "--expert", "math", "--out", str(tmp_path / "n")]
     )
     assert result.exit_code == 2 and "expected NAME=DIR" in result.output
+
+
+# -- the flexmore format, loaded by FlexMoReForCausalLM -----------------------------------------------
+
+
+def flexmore_model(folder: Path, top_k: int | None = None):  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM
+
+    import flexmore.mixture  # noqa: F401 - registers model_type "flexmore"
+
+    kwargs = {} if top_k is None else {"num_experts_per_tok": top_k}
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("how", ["low-rank at full rank", "full from checkpoint"])
+def test_flexmore_at_full_rank_equals_stock_flexolmo(world: Path, tmp_path: Path, top_k: int, how: str) -> None:
+    if how == "full from checkpoint":
+        experts = [f"code={world / 'src'}#1", f"math={world / 'src'}#2"]
+    else:
+        experts = [f"code={world / 'x' / 'code'}", f"math={world / 'x' / 'math'}"]
+    out = run(world, tmp_path / "m", experts, top_k=top_k)
+    model = flexmore_model(out)
+    assert type(model).__name__ == "FlexMoReForCausalLM"
+    assert model.config.expert_names == ["public", "code", "math"]
+    with torch.no_grad():
+        ours = model(ids()).logits
+    diff = (ours - stock_logits(world / "src", top_k)).abs().max()
+    assert diff <= 1e-4, float(diff)
+
+
+def test_heterogeneous_flexmore_equals_its_flexolmo_export(world: Path, tmp_path: Path) -> None:
+    experts = [f"code={world / 'x' / 'code'}@3", f"math={world / 'x' / 'math'}@17"]
+    ours = flexmore_model(run(world, tmp_path / "ours", experts, top_k=2))
+    stock = FlexOlmoForCausalLM.from_pretrained(run(world, tmp_path / "dense", experts, top_k=2, format="flexolmo"))
+    assert ours.config.expert_ranks == [None, 3, 17]
+    assert sum(p.numel() for p in ours.parameters()) < sum(p.numel() for p in stock.parameters())
+    with torch.no_grad():
+        diff = (ours(ids()).logits - stock.eval()(ids()).logits).abs().max()
+    assert diff <= 1e-4, float(diff)
+    prompt = ids()[:, :5]
+    a = ours.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    b = stock.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert a.shape == (2, 25) and torch.equal(a, b)
+
+
+def test_opt_out_equals_mixture_composed_without_the_expert(world: Path, tmp_path: Path) -> None:
+    both = flexmore_model(run(world, tmp_path / "both", [f"code={world / 'x' / 'code'}@5",
+                                                         f"math={world / 'x' / 'math'}@9"], top_k=2))
+    without = flexmore_model(run(world, tmp_path / "without", [f"math={world / 'x' / 'math'}@9"], top_k=2))
+    both.set_active_experts(["public", "math"])
+    with torch.no_grad():
+        diff = (both(ids()).logits - without(ids()).logits).abs().max()
+    assert diff <= 1e-5, float(diff)
+    both.set_active_experts(None)
+    with torch.no_grad():
+        assert (both(ids()).logits - without(ids()).logits).abs().max() > 1e-3  # code is back in play

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from flexmore.cli import compose, demo, extract, params
+from flexmore.cli import compose, demo, extract, federate, params, train
 
 app = typer.Typer(
     name="flexmore",
@@ -19,6 +19,9 @@ app.command("extract")(extract.extract_command)
 app.command("params")(params.params_command)
 app.command("compose")(compose.compose_command)
 app.command("demo")(demo.demo_command)
+app.command("pretrain")(train.pretrain_command)
+app.command("train-expert")(train.train_expert_command)
+app.command("federate")(federate.federate_command)
 
 
 def main() -> None:
