@@ -267,7 +267,7 @@ def test_hub_id_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mon
     from flexmore.storage import resolve_source
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CheckpointError, match="allenai/Flex-nope-2x7B: not a local folder, and the hub download failed"):
+    with pytest.raises(CheckpointError, match="Flex-nope-2x7B: not a local folder, and the hub download failed"):
         resolve_source("allenai/Flex-nope-2x7B")
     with pytest.raises(CheckpointError, match="no such folder"):
         resolve_source(str(tmp_path / "missing" / "deeper"))

@@ -81,8 +81,8 @@ def count(config: FlexMoReConfig) -> ParamReport:
     with torch.device("meta"):
         model = FlexMoReForCausalLM(config)
     E = config.num_experts
-    ranks = list(config.expert_ranks)
-    full = [e for e in range(E) if ranks[e] is None]
+    ranks = config.ranks
+    full = config.full_experts
     experts = [0] * E
     non_expert = 0
     for name, p in model.named_parameters():
@@ -113,23 +113,13 @@ def _flexmore_flops(config: FlexMoReConfig, K: int) -> tuple[int, int]:
     """Shared-base forward: each full expert in play once (base gate/up/down), plus every low-rank
     term along each routed expert's chain (2 r (d_in + d_out) per projection)."""
     E, H, I, L = config.num_experts, config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    ranks, bases = list(config.expert_ranks), list(config.expert_bases)
-
-    def chain(e: int) -> tuple[list[int], int]:
-        lows = []
-        while ranks[e] is not None:
-            lows.append(e)
-            base = bases[e]
-            assert base is not None
-            e = base
-        return lows, e
-
-    chains = [chain(e) for e in range(E)]
     if math.comb(E, K) > MAX_SUBSETS:
         raise ValueError(f"too many expert subsets to enumerate (C({E},{K}) > {MAX_SUBSETS})")
-    costs = []
-    for subset in itertools.combinations(range(E), K):
-        roots = {chains[e][1] for e in subset}
-        low = sum(6 * ranks[c] * (H + I) for e in subset for c in chains[e][0])  # type: ignore[operator]
-        costs.append(2 * E * H + len(roots) * 6 * H * I + low)
+    rank = [r or 0 for r in config.ranks]
+    low = [sum(6 * rank[c] * (H + I) for c in config.chain(e)) for e in range(E)]  # per routed expert
+    roots = [config.root(e) for e in range(E)]
+    costs = [
+        2 * E * H + len({roots[e] for e in subset}) * 6 * H * I + sum(low[e] for e in subset)
+        for subset in itertools.combinations(range(E), K)
+    ]
     return L * min(costs), L * max(costs)

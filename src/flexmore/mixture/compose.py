@@ -83,7 +83,7 @@ class ComposeConfig:
     out: Path
     public_name: str = "public"
     public_expert: int = 0
-    top_k: int | None = None  # None: the public config's, capped at the number of experts
+    top_k: int | None = None  # None: the public config's (at least 2), capped at the number of experts
     format: str = "flexmore"
     dtype: str = "float32"
     max_shard_size: int = 5 * 2**30
@@ -127,6 +127,10 @@ class _LowRank:
         if self._last is None or self._last[0] != (layer, projection):
             self._last = ((layer, projection), self.reader.factors(layer, projection, self.rank))
         return self._last[1]
+
+    def factor(self, layer: int, projection: str, which: int) -> torch.Tensor:
+        """lora_A (which=0) or lora_B (which=1)."""
+        return self.factors(layer, projection)[which]
 
     def router(self, layer: int) -> torch.Tensor:
         return self.reader.router(layer)
@@ -180,7 +184,11 @@ def compose(config: ComposeConfig, progress: Callable[[int, int, str], None] | N
     experts = _open_experts(config, public)
     E = 1 + len(experts)
     dtype = OUT_DTYPES[config.dtype]
-    top_k = config.top_k if config.top_k is not None else min(int(public.config.get("num_experts_per_tok", 2)), E)
+    # Default: the public config's top-k, but at least 2: experts are trained top-2 of 2 beside the
+    # public expert, and a 1-expert public model (flexmore pretrain) says top-1.
+    top_k = (
+        config.top_k if config.top_k is not None else min(max(int(public.config.get("num_experts_per_tok", 2)), 2), E)
+    )
     H, I = public.hidden_size, public.intermediate_size
     names = [config.public_name, *(e.spec.name for e in experts)]
     ranks: list[int | None] = [None, *(e.rank for e in experts)]
@@ -207,7 +215,7 @@ def compose(config: ComposeConfig, progress: Callable[[int, int, str], None] | N
     for key in public.non_expert_keys():
         if not key.endswith(".mlp.gate.weight"):
             specs[key] = (dtype, public.shape(key))
-            producers[key] = lambda key=key: public.tensor(key)
+            producers[key] = functools.partial(public.tensor, key)
     for layer in range(public.num_layers):
         _add_moe(specs, producers, layer, config.format, dtype, E, H, I, experts, router, dense)
 
@@ -267,7 +275,7 @@ def _add_moe(
             for p in PROJECTIONS:
                 key = f"{prefix}.experts.{e}.{p}.weight"
                 specs[key] = (dtype, shapes[p])
-                producers[key] = lambda e=e, p=p: dense(e, layer, p)
+                producers[key] = functools.partial(dense, e, layer, p)
         return
     full = [0] + [e + 1 for e, x in enumerate(experts) if isinstance(x, _Full)]
     F = len(full)
@@ -286,8 +294,8 @@ def _add_moe(
             base = f"{prefix}.experts.low_rank.{e}.{p}"
             specs[f"{base}.lora_A"] = (dtype, (r, d_in))
             specs[f"{base}.lora_B"] = (dtype, (d_out, r))
-            producers[f"{base}.lora_A"] = lambda x=expert, p=p: x.factors(layer, p)[0]
-            producers[f"{base}.lora_B"] = lambda x=expert, p=p: x.factors(layer, p)[1]
+            producers[f"{base}.lora_A"] = functools.partial(expert.factor, layer, p, 0)
+            producers[f"{base}.lora_B"] = functools.partial(expert.factor, layer, p, 1)
 
 
 def _config(

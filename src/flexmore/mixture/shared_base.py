@@ -35,7 +35,11 @@ def shared_base_forward(
     """x (T, H), top_k_index / top_k_weights (T, k) -> (T, H)."""
     T, k = top_k_index.shape
     counts, tokens, weights = ex.routes(top_k_index, top_k_weights)
-    tree_fn = _tree_autograd if torch.is_grad_enabled() else _tree_no_grad
+    # The no-grad path also serves a forward under grad mode where nothing needs a gradient (eval loops).
+    grad = torch.is_grad_enabled() and (
+        x.requires_grad or top_k_weights.requires_grad or any(p.requires_grad for p in ex.parameters())
+    )
+    tree_fn = _tree_autograd if grad else _tree_no_grad
     out = torch.zeros_like(x)  # (T, H)
     for root, tree in ex.trees.items():
         hits = sum(counts[e] for e in tree)
@@ -52,11 +56,11 @@ def shared_base_forward(
         in_tree = member[top_k_index].any(dim=-1)  # (T,)
         rows = in_tree.nonzero().squeeze(-1)  # (n,) the tokens that pay for this root
         pos = torch.cumsum(in_tree, 0) - 1  # (T,) token -> its row among them
-        local = [pos.index_select(0, t) for t in tokens]  # per expert (n_e,) rows, still ascending
+        local = [pos.index_select(0, t) if e in low else t for e, t in enumerate(tokens)]  # rows, ascending
         p0 = None if p0 is None else p0.index_select(0, rows)  # (n, 1)
         acc = x.new_zeros(rows.shape[0], x.shape[1])  # (n, H)
         acc = tree_fn(ex, x.index_select(0, rows), ex.slot[root], p0, low, local, weights, acc)
-        out = out.index_add(0, rows, acc) if torch.is_grad_enabled() else out.index_add_(0, rows, acc)
+        out = out.index_add(0, rows, acc) if grad else out.index_add_(0, rows, acc)
     return out
 
 

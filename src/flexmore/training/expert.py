@@ -45,9 +45,8 @@ from flexmore.storage import (
 )
 from flexmore.training.data import BatchIterator, load_texts, pack, split_heldout
 from flexmore.training.data import fingerprint as data_fingerprint
-from flexmore.training.loop import TrainConfig, Trainer, TrainResult, TrainStatus
-from flexmore.training.public import RESULT_FILE, ROUTER_SCALE, checkpoint_dir_for
-from flexmore.training.router import EmbedFn, domain_router_rows, moe_blocks, router_sample
+from flexmore.training.loop import RESULT_FILE, TrainConfig, Trainer, TrainResult, TrainStatus, checkpoint_dir_for
+from flexmore.training.router import ROUTER_SCALE, EmbedFn, domain_router_rows, moe_blocks, router_sample
 
 PUBLIC, NEW = 0, 1  # expert indices in the upcycled model
 

@@ -35,9 +35,15 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 CHECKPOINT_FORMAT = "flexmore-train-checkpoint"
 CHECKPOINT_VERSION = 1
 STATE_FILE = "state.safetensors"
+RESULT_FILE = "flexmore_train.json"  # next to every trained artefact: its resolved config and results
 TRAINER_FILE = "trainer.json"
 # Fields that may differ on resume: they change what is logged or saved, never the trajectory.
 _RESUMABLE_CHANGES = frozenset({"eval_every", "eval_batches", "checkpoint_every", "device"})
+
+
+def checkpoint_dir_for(out: Path) -> Path:
+    """Where the training checkpoints of artefact `out` live until it is written: a hidden sibling folder."""
+    return Path(out).with_name(f".{Path(out).name}.train")
 
 
 def _positive_int(owner: str, name: str, value: object, minimum: int = 1) -> None:

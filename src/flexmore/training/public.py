@@ -24,13 +24,17 @@ from transformers import FlexOlmoConfig, FlexOlmoForCausalLM
 
 from flexmore.storage import atomic_dir, atomic_write_text
 from flexmore.training.data import BatchIterator, fingerprint, load_texts, pack, split_heldout
-from flexmore.training.loop import TrainConfig, Trainer, TrainResult, TrainStatus, heldout_loss
-from flexmore.training.router import domain_router_rows, moe_blocks, router_sample
+from flexmore.training.loop import (
+    RESULT_FILE,
+    TrainConfig,
+    Trainer,
+    TrainResult,
+    TrainStatus,
+    checkpoint_dir_for,
+    heldout_loss,
+)
+from flexmore.training.router import ROUTER_SCALE, domain_router_rows, moe_blocks, router_sample
 from flexmore.training.tokenizer import train_tokenizer
-
-RESULT_FILE = "flexmore_train.json"
-# Router rows: softmax logits of about +-ROUTER_SCALE * cos(token, domain mean); see training.router.
-ROUTER_SCALE = 4.0
 
 
 @dataclass(frozen=True)
@@ -126,11 +130,6 @@ class PretrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"out": str(self.out)}
-
-
-def checkpoint_dir_for(out: Path) -> Path:
-    """Where training checkpoints of `out` live until it is written (a hidden sibling folder)."""
-    return out.with_name(f".{out.name}.train")
 
 
 def unigram_loss(train: torch.Tensor, heldout: torch.Tensor, vocab_size: int) -> float:

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+# Router rows give a centroid token a logit of about ROUTER_SCALE: experts' rows differ by a few units.
+ROUTER_SCALE = 4.0
 EmbedFn = Callable[[Sequence[str]], torch.Tensor]  # documents -> (N, H) embeddings
 
 
