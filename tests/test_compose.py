@@ -212,8 +212,9 @@ def test_heterogeneous_flexmore_equals_its_flexolmo_export(world: Path, tmp_path
 
 
 def test_opt_out_equals_mixture_composed_without_the_expert(world: Path, tmp_path: Path) -> None:
-    both = flexmore_model(run(world, tmp_path / "both", [f"code={world / 'x' / 'code'}@5",
-                                                         f"math={world / 'x' / 'math'}@9"], top_k=2))
+    both = flexmore_model(
+        run(world, tmp_path / "both", [f"code={world / 'x' / 'code'}@5", f"math={world / 'x' / 'math'}@9"], top_k=2)
+    )
     without = flexmore_model(run(world, tmp_path / "without", [f"math={world / 'x' / 'math'}@9"], top_k=2))
     both.set_active_experts(["public", "math"])
     with torch.no_grad():
