@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import FlexOlmoForCausalLM
+from transformers import AutoModelForCausalLM, FlexOlmoForCausalLM
 from typer.testing import CliRunner
 
+import flexmore.mixture  # noqa: F401 - registers model_type "flexmore" with the Auto classes
 from flexmore.cli import app
+from flexmore.lowrank.extract import ExtractConfig, extract
 from flexmore.mixture.compose import ComposeConfig, ExpertSpec, compose
 from flexmore.training.corpus import math_item
 from flexmore.training.data import BatchIterator, pack
@@ -25,8 +27,8 @@ from flexmore.training.expert import (
     train_expert,
     upcycle_full,
 )
-from flexmore.training.loop import TrainConfig, Trainer, lr_factor
-from flexmore.training.public import PretrainConfig, PublicModelConfig, checkpoint_dir_for, pretrain
+from flexmore.training.loop import TrainConfig, Trainer, checkpoint_dir_for, lr_factor
+from flexmore.training.public import PretrainConfig, PublicModelConfig, pretrain
 
 TINY = PublicModelConfig(
     vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -214,13 +216,18 @@ def test_full_expert_freezes_the_public_model(world: Path, tmp_path: Path) -> No
         expected = result.model(input_ids=ids).logits  # type: ignore[misc]
         got = FlexOlmoForCausalLM.from_pretrained(out)(input_ids=ids).logits
     assert torch.allclose(got, expected, atol=1e-5)
+    # ... and `extract` takes it: its delta to the public expert, composed against the 1-expert public.
+    extract(ExtractConfig(source=str(tmp_path / "full"), out=tmp_path / "x", names=("math",), max_rank=32))
+    spec = ExpertSpec.parse(f"math={tmp_path / 'x' / 'math'}")
+    out = compose(ComposeConfig(public=str(world / "public"), experts=(spec,), out=tmp_path / "mix2", top_k=2))
+
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-4)  # rank 32 = min(hidden, intermediate): no truncation
 
 
 @pytest.mark.parametrize("fmt", ["flexmore", "flexolmo"])
 def test_low_rank_expert_composes_to_the_training_model(world: Path, tmp_path: Path, fmt: str) -> None:
-    from transformers import AutoModelForCausalLM
-
-    import flexmore.mixture  # noqa: F401 - registers model_type "flexmore" with the Auto classes
 
     result = train_expert(expert_config(world, tmp_path / "lr", rank=4))
     assert result.expert_loss < result.public_loss

@@ -195,6 +195,7 @@ class Trainer:
         heldout: torch.Tensor | None = None,
         *,
         masks: Mapping[str, torch.Tensor] | None = None,
+        lr_scales: Mapping[str, float] | None = None,
         checkpoint_dir: Path | None = None,
     ) -> None:
         if batches.blocks.shape[1] != config.seq_len:
@@ -211,16 +212,22 @@ class Trainer:
             # Replace, not scale, the frozen entries: NaN * 0 would still be NaN. The hook stays on the
             # parameter (harmless without backward; idempotent if another Trainer adds its own).
             self.params[name].register_hook(lambda g, m=mask: torch.where(m, g, torch.zeros_like(g)))
-        groups: dict[str, list[str]] = {"decay": [], "no_decay": [], "masked": []}
+        self.lr_scales = dict(lr_scales or {})
+        for name, scale in self.lr_scales.items():
+            if name not in self.params or not (math.isfinite(scale) and scale > 0):
+                raise ValueError(f"lr_scales[{name!r}] = {scale!r}: needs a trainable parameter and a positive scale")
+        # One AdamW group per (decay kind, lr scale); the scheduler scales every group's lr alike.
+        groups: dict[tuple[str, float], list[str]] = {}
         for name, p in self.params.items():
-            groups["masked" if name in self.masks else "decay" if p.ndim >= 2 else "no_decay"].append(name)
-        self._group_names = [names for names in groups.values() if names]
+            kind = "masked" if name in self.masks else "decay" if p.ndim >= 2 else "no_decay"
+            groups.setdefault((kind, self.lr_scales.get(name, 1.0)), []).append(name)
+        self._group_names = list(groups.values())
+        self._group_of = {n: i for i, names in enumerate(self._group_names) for n in names}
         wd = {"decay": config.weight_decay, "no_decay": 0.0, "masked": 0.0}
         self.optimizer = torch.optim.AdamW(
             [
-                {"params": [self.params[n] for n in names], "weight_decay": wd[kind]}
-                for kind, names in groups.items()
-                if names
+                {"params": [self.params[n] for n in names], "weight_decay": wd[kind], "lr": config.lr * scale}
+                for (kind, scale), names in groups.items()
             ],
             lr=config.lr,
             betas=(config.beta1, config.beta2),
@@ -253,7 +260,7 @@ class Trainer:
         self.model.train()
         while self.step < target:
             start = time.perf_counter()
-            lr = self.optimizer.param_groups[0]["lr"]  # this step's, before the scheduler moves it
+            lr = self.config.lr * lr_factor(self.step, self.config)  # this step's peak-relative lr
             loss = self._optimizer_step()
             step_seconds = time.perf_counter() - start
             if (config.eval_every and self.step % config.eval_every == 0) or self.step == config.steps:
@@ -293,12 +300,11 @@ class Trainer:
         # AdamW's decoupled decay `p *= 1 - lr * wd`, on the trainable elements only (factor 1.0 elsewhere).
         if not self.masks or self.config.weight_decay == 0:
             return
-        lr = self.optimizer.param_groups[0]["lr"]  # every group shares the schedule
-        factor = 1.0 - lr * self.config.weight_decay
         for name, mask in self.masks.items():
             p = self.params[name]
             if p.ndim < 2:
                 continue  # vectors are never decayed (as the no_decay group)
+            factor = 1.0 - self.optimizer.param_groups[self._group_of[name]]["lr"] * self.config.weight_decay
             p.mul_(torch.where(mask, torch.tensor(factor, dtype=p.dtype, device=p.device), 1.0))
 
     def evaluate(self) -> float | None:
