@@ -108,7 +108,9 @@ def _fresh(world: Path, config: TrainConfig) -> tuple[Trainer, torch.nn.Module]:
     masks = freeze_all_but_new_expert(model, low_rank=False)
     docs = [p.read_text() for p in sorted((world / "math").iterdir())]
     blocks = pack(docs, tokenizer, config.seq_len)
-    return Trainer(model, config, BatchIterator(blocks, config.batch_size, seed=3), blocks[:8], masks=masks), model
+    scales = {"model.layers.0.mlp.gate.weight": 0.5}  # a group of its own, with its own lr
+    batches = BatchIterator(blocks, config.batch_size, seed=3)
+    return Trainer(model, config, batches, blocks[:8], masks=masks, lr_scales=scales), model
 
 
 def test_resume_is_bit_identical(world: Path, tmp_path: Path) -> None:
@@ -179,6 +181,8 @@ def test_bad_other_configs(tmp_path: Path) -> None:
         ExpertTrainConfig(public="p", data="d", out=tmp_path, rank=0)
     with pytest.raises(ValueError, match=r"ExpertTrainConfig\.router_scale .*-1"):
         ExpertTrainConfig(public="p", data="d", out=tmp_path, router_scale=-1)
+    with pytest.raises(ValueError, match=r"ExpertTrainConfig\.router_lr_ratio .*-0\.5"):
+        ExpertTrainConfig(public="p", data="d", out=tmp_path, router_lr_ratio=-0.5)
 
 
 # ---------------------------------------------------------------- experts
@@ -262,6 +266,26 @@ def test_low_rank_expert_composes_to_the_training_model(world: Path, tmp_path: P
         expected = model(input_ids=ids).logits
         got = AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits
     assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
+
+
+def test_router_row_can_stay_at_its_init(world: Path, tmp_path: Path) -> None:
+    result = train_expert(expert_config(world, tmp_path / "x", rank=2, router_lr_ratio=0.0))
+    assert result.model is not None and result.router_init is not None
+    for L, block in enumerate(result.model.model.layers):
+        assert not block.mlp.gate.weight.requires_grad
+        assert torch.equal(block.mlp.gate.weight[1], result.router_init[L])
+    assert result.expert_loss < result.public_loss
+
+
+def test_router_bias_is_trained_and_stored(world: Path, tmp_path: Path) -> None:
+    result = train_expert(expert_config(world, tmp_path / "x", rank=2, router_bias=True))
+    assert result.model is not None
+    for block in result.model.model.layers:
+        assert block.mlp.gate.bias[0] == 0 and block.mlp.gate.bias[1] != 0  # only the new expert's entry trains
+    tensors = load_file(str(tmp_path / "x" / "expert.safetensors"))
+    assert all(tensors[f"layers.{L}.router_bias"] <= 0 for L in range(TINY.num_hidden_layers))
+    with pytest.raises(ValueError, match="router_bias needs a low-rank expert"):
+        train_expert(expert_config(world, tmp_path / "y", router_bias=True))
 
 
 def test_router_init_from_an_embedding_function(world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -166,6 +166,9 @@ def train_expert_command(
         typer.Option(help="MODULE:FUNCTION mapping a list of documents to (N, hidden) embeddings for the router row."),
     ] = None,
     router_scale: Annotated[float | None, typer.Option(help="Router row scale (logit of a centroid token).")] = None,
+    router_lr_ratio: Annotated[
+        float | None, typer.Option(help="Router row lr as a fraction of the expert's (0: keep the initial row).")
+    ] = None,
     router_bias: Annotated[
         bool, typer.Option(help="Learn FlexOlmo's non-positive router bias (low-rank experts only).")
     ] = False,
@@ -206,6 +209,8 @@ def train_expert_command(
         )
         if router_scale is not None:
             config = replace(config, router_scale=router_scale)
+        if router_lr_ratio is not None:
+            config = replace(config, router_lr_ratio=router_lr_ratio)
         embed = _embedding_function(router_init)
         start = time.perf_counter()
         with _training_bar(f"expert {config.expert_name}") as report:

@@ -6,7 +6,8 @@ Partly frozen tensors: FlexOlmo trains one router row inside a (E, H) router. `m
 parameters with a boolean mask (True = trainable, broadcast to the parameter). A gradient hook zeroes
 the frozen elements, and the parameter's decoupled weight decay is applied here through the mask
 (AdamW itself gets weight_decay=0 for it), so frozen elements stay bit-identical: Adam's update of an
-element whose gradient was always zero is exactly zero.
+element whose gradient was always zero is exactly zero. `lr_scales` gives named parameters their own
+peak lr (`lr * scale`, same schedule), e.g. a router row that should move slower than its expert.
 
 A checkpoint is a folder: `state.safetensors` (trainable parameters, optimizer moments, torch RNG)
 and `trainer.json` (step, config, scheduler, batch position, Python RNG, history). Nothing is pickled.
@@ -358,6 +359,7 @@ class Trainer:
             "config": asdict(self.config),
             "trainable": list(self.params),
             "masks": sorted(self.masks),
+            "lr_scales": dict(sorted(self.lr_scales.items())),
             "optimizer": {"param_groups": groups, "scalars": scalars},
             "scheduler": self.scheduler.state_dict(),
             "batches": self.batches.state_dict(),
@@ -386,6 +388,8 @@ class Trainer:
                 )
         if trainer["trainable"] != list(self.params) or trainer["masks"] != sorted(self.masks):
             raise ValueError(f"cannot resume from {folder}: it trained other parameters than this model has trainable")
+        if trainer["lr_scales"] != dict(sorted(self.lr_scales.items())):
+            raise ValueError(f"cannot resume from {folder}: it used other per-parameter lr scales")
         tensors = load_file(str(folder / STATE_FILE))
         with torch.no_grad():
             for name, p in self.params.items():
