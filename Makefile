@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,federated]'
+	$(PY) -m pip install -q -e '.[dev,federated,eval,flex]'
 	touch $@
 
 demo: setup

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from flexmore.lowrank.expert import WEIGHTS, ExpertMeta, factor_key, router_key
+from flexmore.lowrank.expert import WEIGHTS, ExpertMeta, energy_profile, factor_key, router_key
 from flexmore.mixture.compose import TOKENIZER_FILES, ComposeConfig, ExpertSpec, compose
 from flexmore.storage import (
     PROJECTIONS,
@@ -154,14 +154,6 @@ def _write_two_expert_checkpoint(folder: Path, tensors: Mapping[str, torch.Tenso
             shutil.copy2(ckpt.folder / file, folder / file)
 
 
-def _energy(S: torch.Tensor, rank: int) -> dict[str, Any]:
-    """||delta||_F and the fraction of ||delta||_F^2 each power-of-two prefix rank keeps (formats.md)."""
-    kept = S.double().square().cumsum(0)  # (r,)
-    total = float(kept[-1])
-    ks = sorted({1 << i for i in range(rank.bit_length()) if 1 << i <= rank} | {rank})
-    return {"frobenius": total**0.5, "energy": {str(k): float(kept[k - 1]) / total if total > 0 else 1.0 for k in ks}}
-
-
 def _write_expert_folder(
     folder: Path, name: str, rank: int, tensors: Mapping[str, torch.Tensor], public: PublicModel
 ) -> None:
@@ -191,7 +183,7 @@ def _write_expert_folder(
                 A, B, S = refactorize(tensors[factor_key(layer, p, "lora_A")], tensors[factor_key(layer, p, "lora_B")])
                 w.write(factor_key(layer, p, "lora_A"), A.contiguous())  # (r, d_in)
                 w.write(factor_key(layer, p, "lora_B"), B.contiguous())  # (d_out, r)
-                meta.matrices[f"layers.{layer}.{p}"] = _energy(S, rank)
+                meta.matrices[f"layers.{layer}.{p}"] = energy_profile(S, rank)
             w.write(router_key(layer), tensors[router_key(layer)].float().contiguous())  # (H,)
     meta.save(folder)
 

@@ -95,6 +95,17 @@ class ExpertMeta:
         return specs
 
 
+def energy_profile(S: torch.Tensor, rank: int, total: float | None = None) -> dict[str, Any]:
+    """The `matrices` entry of expert.json: ||delta||_F and the fraction of ||delta||_F^2 that each
+    power-of-two prefix rank (and `rank`) keeps. `total` is ||delta||_F^2 when S is truncated;
+    by default S is taken to be the whole spectrum."""
+    kept = S.to(torch.float64).square().cumsum(0)  # (r,)
+    total = float(kept[-1]) if total is None else total
+    ks = sorted({1 << i for i in range(rank.bit_length()) if 1 << i <= rank} | {rank})
+    energy = {str(k): (float(kept[k - 1]) / total if total > 0 else 1.0) for k in ks}
+    return {"frobenius": total**0.5, "energy": energy}
+
+
 @dataclass
 class LowRankExpert:
     """An expert in memory at a chosen rank: factors per (layer, projection) and router rows."""

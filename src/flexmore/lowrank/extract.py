@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from flexmore.lowrank.expert import WEIGHTS, ExpertMeta, factor_key, router_key
+from flexmore.lowrank.expert import WEIGHTS, ExpertMeta, energy_profile, factor_key, router_key
 from flexmore.lowrank.svd import BACKENDS, factorize, resolve_backend
 from flexmore.storage import (
     PROJECTIONS,
@@ -145,7 +145,7 @@ def extract(config: ExtractConfig, progress: Progress | None = None) -> list[Pat
                     A, B = fact.phlora(rank)  # (r, d_in), (d_out, r)
                     writer.write(factor_key(layer, projection, "lora_A"), A.to("cpu", dtype))
                     writer.write(factor_key(layer, projection, "lora_B"), B.to("cpu", dtype))
-                    meta.matrices[label] = _energy(delta, fact.S, rank)
+                    meta.matrices[label] = energy_profile(fact.S, rank, float(delta.to(torch.float64).square().sum()))
                     done += 1
                     if progress is not None:
                         progress(done, total, f"{meta.name} {label}")
@@ -157,15 +157,6 @@ def extract(config: ExtractConfig, progress: Progress | None = None) -> list[Pat
             meta.save(folder)
             atomic_write_text(folder / "extract_config.json", _config_json(config, rank))
     return [out / m.name for m in metas]
-
-
-def _energy(delta: torch.Tensor, S: torch.Tensor, rank: int) -> dict[str, object]:
-    """Fraction of ||delta||_F^2 kept at each power-of-two rank (and at `rank`)."""
-    total = float(delta.to(torch.float64).square().sum())
-    kept = S.to(torch.float64).square().cumsum(0)  # (r,)
-    ks = sorted({1 << i for i in range(rank.bit_length()) if 1 << i <= rank} | {rank})
-    energy = {str(k): (float(kept[k - 1]) / total if total > 0 else 1.0) for k in ks}
-    return {"frobenius": total**0.5, "energy": energy}
 
 
 def _config_json(config: ExtractConfig, rank: int) -> str:

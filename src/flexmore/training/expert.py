@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, FlexOlmoConfig, FlexOlmoForCausalLM
 
-from flexmore.lowrank.expert import WEIGHTS, ExpertMeta, factor_key, router_key
+from flexmore.lowrank.expert import WEIGHTS, ExpertMeta, energy_profile, factor_key, router_key
 from flexmore.storage import (
     PROJECTIONS,
     FlexOlmoCheckpoint,
@@ -383,13 +383,6 @@ def refactorize(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return A2.float(), B2.float(), S
 
 
-def _energy(S: torch.Tensor, rank: int) -> dict[str, Any]:
-    kept = S.double().square().cumsum(0)  # (r,)
-    total = float(kept[-1])
-    ks = sorted({1 << i for i in range(rank.bit_length()) if 1 << i <= rank} | {rank})
-    return {"frobenius": total**0.5, "energy": {str(k): float(kept[k - 1]) / total if total > 0 else 1.0 for k in ks}}
-
-
 def write_expert_folder(
     model: nn.Module, folder: Path, *, name: str, rank: int, source: str, public: Path, public_expert: int = 0
 ) -> ExpertMeta:
@@ -425,7 +418,7 @@ def write_expert_folder(
                 A, B, S = refactorize(factors.lora_A.detach(), factors.lora_B.detach())
                 w.write(factor_key(L, proj, "lora_A"), A.contiguous())
                 w.write(factor_key(L, proj, "lora_B"), B.contiguous())
-                meta.matrices[f"layers.{L}.{proj}"] = _energy(S, rank)
+                meta.matrices[f"layers.{L}.{proj}"] = energy_profile(S, rank)
             w.write(router_key(L), block.gate.weight[NEW].detach().float().contiguous())
         if biased:
             for L, block in enumerate(blocks):
