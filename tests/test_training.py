@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, FlexOlmoForCausalLM
 from typer.testing import CliRunner
 
 import flexmore.mixture  # noqa: F401 - registers model_type "flexmore" with the Auto classes
 from flexmore.cli import app
 from flexmore.lowrank.extract import ExtractConfig, extract
-from flexmore.mixture.compose import ComposeConfig, ExpertSpec, compose
+from flexmore.mixture.compose import ComposeConfig, CompositionError, ExpertSpec, compose
 from flexmore.training.corpus import math_item
 from flexmore.training.data import BatchIterator, pack
 from flexmore.training.expert import (
@@ -284,6 +285,26 @@ def test_router_bias_is_trained_and_stored(world: Path, tmp_path: Path) -> None:
         assert block.mlp.gate.bias[0] == 0 and block.mlp.gate.bias[1] != 0  # only the new expert's entry trains
     tensors = load_file(str(tmp_path / "x" / "expert.safetensors"))
     assert all(tensors[f"layers.{L}.router_bias"] <= 0 for L in range(TINY.num_hidden_layers))
+    # compose carries the bias: the mixture is the training model, logit for logit.
+    spec = (ExpertSpec.parse(f"math={tmp_path / 'x'}"),)
+    out = compose(ComposeConfig(public=str(world / "public"), experts=spec, out=tmp_path / "mix", top_k=2))
+    ids = torch.randint(1, TINY.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = result.model(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
+    # On its own data the bias rises and min(b, 0) stores 0; a negative one is carried, and refused
+    # by the stock FlexOlmo export, which has nowhere to put it.
+    shutil.copytree(tmp_path / "x", tmp_path / "neg")
+    tensors |= {f"layers.{L}.router_bias": torch.tensor(-0.5) for L in range(TINY.num_hidden_layers)}
+    save_file(tensors, str(tmp_path / "neg" / "expert.safetensors"))
+    spec = (ExpertSpec.parse(f"math={tmp_path / 'neg'}"),)
+    out = compose(ComposeConfig(public=str(world / "public"), experts=spec, out=tmp_path / "negmix", top_k=2))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.router_bias and model.model.layers[0].mlp.gate.bias.tolist() == [0.0, -0.5]
+    with pytest.raises(CompositionError, match="negative router bias"):
+        compose(ComposeConfig(public=str(world / "public"), experts=spec, out=tmp_path / "d", format="flexolmo"))
+    assert not (tmp_path / "d").exists()
     with pytest.raises(ValueError, match="router_bias needs a low-rank expert"):
         train_expert(expert_config(world, tmp_path / "y", router_bias=True))
 

@@ -30,6 +30,11 @@ def router_key(layer: int) -> str:
     return f"layers.{layer}.router"
 
 
+def router_bias_key(layer: int) -> str:
+    """Optional: original FlexOlmo's learnt non-positive router bias (train-expert --router-bias)."""
+    return f"layers.{layer}.router_bias"
+
+
 @dataclass
 class ExpertMeta:
     name: str
@@ -135,6 +140,7 @@ class ExpertReader:
         for key in self.meta.tensor_specs(torch.float32):
             if key not in present:
                 raise ExpertFileError(f"{self.path}: missing tensor {key}")
+        self.has_router_bias = router_bias_key(0) in present
 
     def check_rank(self, rank: int | None) -> int:
         rank = self.meta.max_rank if rank is None else rank
@@ -168,6 +174,18 @@ class ExpertReader:
         if tuple(row.shape) != (self.meta.hidden_size,):
             raise ExpertFileError(f"{self.path}: {router_key(layer)} has shape {tuple(row.shape)}")
         return row
+
+    def router_bias(self, layer: int) -> float:
+        """This expert's router bias, min(b, 0); 0 for an expert trained without one."""
+        if not self.has_router_bias:
+            return 0.0
+        try:
+            bias = self._fh.get_tensor(router_bias_key(layer))
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise ExpertFileError(f"{self.path}: cannot read {router_bias_key(layer)} ({err})") from err
+        if bias.numel() != 1 or not torch.isfinite(bias).all():
+            raise ExpertFileError(f"{self.path}: {router_bias_key(layer)} must be one finite number")
+        return min(float(bias), 0.0)
 
 
 def load_expert(folder: str | Path, rank: int | None = None) -> LowRankExpert:

@@ -116,6 +116,9 @@ class _Full:
     def router(self, layer: int) -> torch.Tensor:
         return self.ckpt.router(layer)[self.index]
 
+    def router_bias(self, layer: int) -> float:
+        return 0.0  # a FlexOlmo checkpoint has no router bias
+
 
 class _LowRank:
     def __init__(self, spec: ExpertSpec, reader: ExpertReader, rank: int) -> None:
@@ -134,6 +137,9 @@ class _LowRank:
 
     def router(self, layer: int) -> torch.Tensor:
         return self.reader.router(layer)
+
+    def router_bias(self, layer: int) -> float:
+        return self.reader.router_bias(layer)
 
 
 def _open_experts(config: ComposeConfig, public: FlexOlmoCheckpoint) -> list[_Full | _LowRank]:
@@ -201,6 +207,23 @@ def compose(config: ComposeConfig, progress: Callable[[int, int, str], None] | N
         rows = [public.router(layer)[config.public_expert], *(e.router(layer) for e in experts)]
         return torch.stack(rows)  # (E, H)
 
+    # Original FlexOlmo's router bias travels when an expert was trained with one (--router-bias).
+    biased = any(isinstance(e, _LowRank) and e.reader.has_router_bias for e in experts)
+
+    def router_bias(layer: int) -> torch.Tensor:
+        return torch.tensor([0.0, *(e.router_bias(layer) for e in experts)])  # (E,), 0 for the public expert
+
+    if biased and config.format == "flexolmo":
+        for layer in range(public.num_layers):
+            bias = router_bias(layer)
+            if (bias < 0).any():
+                name = names[int((bias < 0).nonzero()[0])]
+                raise CompositionError(
+                    f"expert {name!r} has a negative router bias at layer {layer} (trained with --router-bias); "
+                    "stock FlexOlmo has no router bias to hold it: compose with --format flexmore"
+                )
+        biased = False  # all zero: nothing to carry
+
     def dense(e: int, layer: int, projection: str) -> torch.Tensor:
         if e == 0:
             return public_weight(layer, projection)
@@ -218,6 +241,9 @@ def compose(config: ComposeConfig, progress: Callable[[int, int, str], None] | N
             producers[key] = functools.partial(public.tensor, key)
     for layer in range(public.num_layers):
         _add_moe(specs, producers, layer, config.format, dtype, E, H, I, experts, router, dense)
+        if biased:
+            specs[f"model.layers.{layer}.mlp.gate.bias"] = (dtype, (E,))
+            producers[f"model.layers.{layer}.mlp.gate.bias"] = functools.partial(router_bias, layer)
 
     with atomic_dir(Path(config.out), config.overwrite) as tmp:
 
@@ -228,7 +254,7 @@ def compose(config: ComposeConfig, progress: Callable[[int, int, str], None] | N
             return tensor.to(dtype).contiguous()
 
         write_sharded(tmp, specs, produce, config.max_shard_size, progress)
-        cfg = _config(public.config, config, E, top_k, names, ranks)
+        cfg = _config(public.config, config, E, top_k, names, ranks) | ({"router_bias": True} if biased else {})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         for file in TOKENIZER_FILES:
             if (public.folder / file).is_file():
