@@ -70,7 +70,10 @@ def flower_env(home: Path) -> dict[str, str]:
     return env
 
 
-def app_project(defaults: dict[str, Any]) -> str:
+COMPONENTS = {"serverapp": "flexmore.federated.server_app:app", "clientapp": "flexmore.federated.client_app:app"}
+
+
+def app_project(defaults: dict[str, Any], components: dict[str, str] | None = None) -> str:
     """The Flower app's pyproject.toml. Its run config declares every key (`--run-config` may only
     override declared keys); the components are our installed modules, so the bundle is this file alone."""
     project = {
@@ -86,10 +89,7 @@ def app_project(defaults: dict[str, Any]) -> str:
             "flwr": {
                 "app": {
                     "publisher": "flexmore",
-                    "components": {
-                        "serverapp": "flexmore.federated.server_app:app",
-                        "clientapp": "flexmore.federated.client_app:app",
-                    },
+                    "components": components or COMPONENTS,
                     "config": defaults,
                 }
             }
@@ -111,7 +111,7 @@ def _node_config(items: dict[str, str]) -> str:
 class _Workspace:
     """OUT/.flower: app project, run config, Flower homes, logs."""
 
-    def __init__(self, config: FederateConfig) -> None:
+    def __init__(self, config: FederateConfig, components: dict[str, str] | None = None) -> None:
         self.root = Path(config.out).resolve() / ".flower"
         self.app = self.root / "app"
         self.logs = self.root / "logs"
@@ -125,7 +125,7 @@ class _Workspace:
             "node-data": "",
             "node-public": "",
         }
-        atomic_write_text(self.app / "pyproject.toml", app_project(defaults))
+        atomic_write_text(self.app / "pyproject.toml", app_project(defaults, components))
         self.run_config = self.root / "run_config.toml"
         atomic_write_text(self.run_config, tomli_w.dumps(config.to_run_config()))
 
@@ -195,10 +195,15 @@ def _launch(
     federation_config: str | None,
     nodes: dict[int, dict[str, str]],
     echo: Callable[[str], None] | None,
+    components: dict[str, str] | None = None,
+    report_name: str = REPORT,
 ) -> FederationResult:
+    """`config` is a FederateConfig, or any config with its `out`, `run_token`, `wait_nodes_s`,
+    `round_timeout_s` and `to_run_config()` (FLEx's); `components` names other ServerApp/ClientApp modules
+    and `report_name` the file their ServerApp writes."""
     say = echo or (lambda _line: None)
     start = time.perf_counter()
-    ws = _Workspace(config)
+    ws = _Workspace(config, components)
     port = free_port()
     ws.connect(port)
     env = flower_env(ws.home)
@@ -225,7 +230,7 @@ def _launch(
         say(f"$ {commands[-1]}")
         run = group.start("flwr-run", argv, pipe=True)
         run_id = _follow(run, say, config.wait_nodes_s + config.round_timeout_s + 600.0)
-        report = _read_report(config, run, group)
+        report = _read_report(config, run, group, report_name)
     finally:
         stopped = group.stop()
     return FederationResult(report, time.perf_counter() - start, commands, run_id, ws.logs, stopped)
@@ -256,8 +261,8 @@ def _follow(run: Started, say: Callable[[str], None], timeout_s: float) -> str |
     return found[0] if found else None
 
 
-def _read_report(config: FederateConfig, run: Started, group: ProcessGroup) -> dict[str, Any]:
-    path = Path(config.out) / REPORT
+def _read_report(config: FederateConfig, run: Started, group: ProcessGroup, name: str = REPORT) -> dict[str, Any]:
+    path = Path(config.out) / name
     deadline = time.monotonic() + 10.0  # the stream can end a moment before the ServerApp's last write
     while time.monotonic() < deadline:
         if path.is_file():
