@@ -123,3 +123,24 @@ def _flexmore_flops(config: FlexMoReConfig, K: int) -> tuple[int, int]:
         for subset in itertools.combinations(range(E), K)
     ]
     return L * min(costs), L * max(costs)
+
+
+def dims_config(hidden_size: int, intermediate_size: int, num_layers: int) -> dict[str, Any]:
+    """A minimal base config with only the dimensions that size an expert (for `expert_params` when all
+    that is known is an expert folder's expert.json); attention is shrunk to one head."""
+    return {
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 1,
+        "num_key_value_heads": 1,
+    }
+
+
+def expert_params(base: dict[str, Any], ranks: list[int | None]) -> list[int]:
+    """Parameters that one expert adds to a mixture at each of `ranks` (None: a full, dense expert),
+    router row excluded, counted like `count` from one mixture on the meta device."""
+    if not ranks:
+        return []
+    report = count(mixture_config(base, [None, *ranks], active=1))
+    return report.experts[1:]

@@ -6,7 +6,8 @@ import sys
 
 import typer
 
-from flexmore.cli import compose, demo, extract, federate, params, train
+from flexmore.cli import analyze, compose, demo, extract, federate, params, train
+from flexmore.cli import select as select_cmd
 
 app = typer.Typer(
     name="flexmore",
@@ -22,6 +23,8 @@ app.command("demo")(demo.demo_command)
 app.command("pretrain")(train.pretrain_command)
 app.command("train-expert")(train.train_expert_command)
 app.command("federate")(federate.federate_command)
+app.command("select")(select_cmd.select_command)
+app.command("analyze")(analyze.analyze_command)
 
 
 def main() -> None:
