@@ -185,12 +185,12 @@ def plot_params_vs_score(points: Sequence[PointScores], path: Path) -> Path | No
     return _save(fig, path)
 
 
-def plot_all(points: Sequence[PointScores], out_dir: str | Path) -> list[Path]:
+def plot_all(points: Sequence[PointScores], out_dir: str | Path, baseline: str = BASELINE) -> list[Path]:
     """Every plot that the data supports, as PNGs under `out_dir`; returns the written paths."""
     out = Path(out_dir)
     made = [
         plot_sensitivity(points, out / "sensitivity.png"),
-        plot_homogeneous(points, out / "mixtures_vs_rank.png"),
+        plot_homogeneous(points, out / "mixtures_vs_rank.png", baseline),
         plot_peaks(points, out / "peak_ranks.png"),
         plot_params_vs_score(points, out / "params_vs_score.png"),
     ]

@@ -163,12 +163,12 @@ def peaks_tables(rows: Sequence[SensitivityRow]) -> tuple[Table, Table]:
     return per, typical
 
 
-def build_tables(points: Sequence[PointScores]) -> list[Table]:
-    """Every report table; empty ones are kept out."""
+def build_tables(points: Sequence[PointScores], baseline: str = BASELINE) -> list[Table]:
+    """Every report table (Delta% of mixtures against `baseline`); empty ones are kept out."""
     if not points:
         raise ValueError("no results: the results store is empty")
     rows = sensitivity(points)
-    tables = [mixtures_table(points), experts_table(points), sensitivity_table(rows), slopes_table(rows)]
+    tables = [mixtures_table(points, baseline), experts_table(points), sensitivity_table(rows), slopes_table(rows)]
     tables.extend(peaks_tables(rows))
     return [t for t in tables if t.rows]
 
@@ -187,9 +187,9 @@ def write_tables(tables: Iterable[Table], out_dir: str | Path) -> list[Path]:
     return [*written, out / "report.md"]
 
 
-def write_report_tables(points: Sequence[PointScores], out_dir: str | Path) -> list[Table]:
+def write_report_tables(points: Sequence[PointScores], out_dir: str | Path, baseline: str = BASELINE) -> list[Table]:
     """Build every table from the scored points and write CSV + Markdown under `out_dir`."""
-    tables = build_tables(points)
+    tables = build_tables(points, baseline)
     write_tables(tables, out_dir)
     return tables
 

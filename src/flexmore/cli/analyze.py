@@ -23,25 +23,19 @@ def analyze_command(
     """Fit s(r) = alpha + beta log2 r per expert and group (Pearson r, n), find peak ranks with their
     median and IQR across experts, tabulate the mixtures against the baseline, and plot it all."""
     from flexmore.analysis.scores import point_scores
-    from flexmore.analysis.tables import BASELINE, write_report_tables
+    from flexmore.analysis.tables import write_report_tables
     from flexmore.evaluation.store import ResultStore
 
     with user_errors():
         if not results.is_file():
             raise FileNotFoundError(f"{results}: no such results store")
         points = point_scores(ResultStore(results).records())
-        if baseline != BASELINE:
-            from flexmore.analysis.tables import build_tables, mixtures_table, write_tables
-
-            tables = [mixtures_table(points, baseline) if t.name == "mixtures" else t for t in build_tables(points)]
-            write_tables(tables, out_dir)
-        else:
-            tables = write_report_tables(points, out_dir)
+        tables = write_report_tables(points, out_dir, baseline)
         pngs = []
         if plots:
             from flexmore.analysis.plots import plot_all
 
-            pngs = plot_all(points, out_dir)
+            pngs = plot_all(points, out_dir, baseline)
     for t in tables:
         _print(t)
     console.print(f"wrote {len(tables)} tables (CSV + report.md) and {len(pngs)} plots to {out_dir}")
