@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from flexmore.flex.gate import GraftExpert, attach_grafts, graft_state
 from flexmore.flex.graft import GraftChoice, channel_outputs, choose_grafts, prune_channels, record_blocks, select_experts
 from flexmore.flex.metrics import rouge_l
 from flexmore.flex.shared import build_trainable, shared_state
+from flexmore.training.corpus import math_item
 from flexmore.training.tokenizer import train_tokenizer
 
 H, V = 32, 300
@@ -73,13 +75,17 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.config.eos_token_id = model.config.pad_token_id = tokenizer.eos_token_id
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    rng = random.Random(0)
+    docs = [f"{math_item(rng)}\n\n" + " ".join(rng.choice(tasks._WORDS) for _ in range(60)) for _ in range(40)]
+    (folder / "general.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))  # retention
     return folder
 
 
 def flex_config(base: Path, out: Path, **kw: object) -> FlexConfig:
     config = FlexConfig(model=str(base), out=out, clients=2, rounds=2, local_steps=3, batch_size=4, seq_len=32,
                         examples_per_family=24, heldout_per_client=3, calibration_examples=8, max_new_tokens=4,
-                        retention_blocks=2, graft_width=8, wait_nodes_s=120.0, round_timeout_s=300.0)  # fmt: skip
+                        retention_blocks=2, graft_width=8, wait_nodes_s=120.0, round_timeout_s=300.0,
+                        families="arithmetic,sorting", retention_data=str(base / "general.jsonl"))  # fmt: skip
     return replace(config, **kw)  # type: ignore[arg-type]
 
 
@@ -231,3 +237,38 @@ def test_tasks_have_checked_answers_and_partitions_cover_everything() -> None:
     with pytest.raises(ValueError, match="unknown partition"):
         tasks.partition(labels, 2, "shards")
     assert rouge_l(["3 7 19 42"], ["3 7 19 42"]) == 1.0 and rouge_l(["nothing"], ["3 7"]) == 0.0
+
+
+# ---------------------------------------------------------------- Flower for real
+
+
+@pytest.mark.slow
+def test_flower_simulation_two_clients_two_rounds_then_resumes(base: Path, tmp_path: Path) -> None:
+    """2 clients, 2 rounds on Flower's simulation engine; then a rerun asked for 3 rounds resumes after
+    round 2 (one more round), with each client's grafts reloaded from disk."""
+    pytest.importorskip("flwr")
+    from flexmore.federated.flex_runner import run_flex_simulation
+
+    out = tmp_path / "out"
+    first = run_flex_simulation(flex_config(base, out)).report
+    assert first["error"] is None and first["rounds_this_run"] == [1, 2]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in rows if "evaluation" not in r]
+    assert [r["round"] for r in rounds] == [1, 2] and all(len(r["clients"]) == 2 and not r["failed"] for r in rounds)
+    assert set(first["evaluation"]) == {"0", "1"}
+    assert all(0 <= m["rouge-l"] <= 1 and math.isfinite(m["retention-loss"]) for m in first["evaluation"].values())
+    grafts = {c: json.loads((out / "clients" / f"client-{c}" / "personal.json").read_text()) for c in (0, 1)}
+    assert all(g["round"] == 2 and g["grafts"] for g in grafts.values())
+    state, meta = load_checkpoint(out / "checkpoint")  # type: ignore[misc]
+    assert state.round == 2 and all(".lora_" in k for k in state.tensors)
+    # the bytes of a round: the shared LoRA tensors down to each client and back, nothing else
+    shared = 4 * sum(t.numel() for t in state.tensors.values())
+    assert rounds[-1]["payload_bytes_sent"] == rounds[-1]["payload_bytes_received"] == 2 * shared
+
+    second = run_flex_simulation(flex_config(base, out, rounds=3)).report
+    assert second["error"] is None and second["rounds_this_run"] == [3]
+    assert load_checkpoint(out / "checkpoint")[0].round == 3  # type: ignore[index]
+    for c in (0, 1):
+        personal = json.loads((out / "clients" / f"client-{c}" / "personal.json").read_text())
+        assert personal["round"] == 3 and personal["grafts"] == grafts[c]["grafts"]  # grafted once, reloaded
+    assert (out / "report.md").is_file() and second["summary"]["rounds"] == 3

@@ -68,10 +68,10 @@ def load_personal(folder: Path) -> Personal | None:
 
 @functools.lru_cache(maxsize=4)
 def client_split(
-    data: str, per_family: int, seed: int, clients: int, scheme: str, heldout: int
+    data: str, per_family: int, seed: int, clients: int, scheme: str, heldout: int, families: str
 ) -> tuple[tuple[tuple[Instruction, ...], tuple[Instruction, ...]], ...]:
     """Per client: (train, held-out) instructions."""
-    items = load_instructions(data, per_family, seed)
+    items = load_instructions(data, per_family, seed, families.split(","))
     parts = partition([i.family for i in items], clients, scheme, seed)
     out = []
     for c, idx in enumerate(parts):
@@ -88,17 +88,17 @@ def data_for(config: FlexConfig, client: int) -> tuple[tuple[Instruction, ...], 
     if not 0 <= client < config.clients:
         raise ValueError(f"client {client} is outside the run's {config.clients} clients")
     parts = client_split(config.data, config.examples_per_family, config.seed, config.clients, config.partition,
-                         config.heldout_per_client)  # fmt: skip
+                         config.heldout_per_client, config.families)  # fmt: skip
     return parts[client]
 
 
 @functools.lru_cache(maxsize=2)
-def retention_blocks(tokenizer_dir: str, seq_len: int, n: int, seed: int) -> torch.Tensor:
+def retention_blocks(tokenizer_dir: str, source: str, seq_len: int, n: int, seed: int) -> torch.Tensor:
     """Held-out blocks of the general corpus (the pretraining split's held-out side): (n, seq_len)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    _, held = split_heldout(load_texts("embedded:general"), 0.05, seed=seed)
+    _, held = split_heldout(load_texts(source), 0.05, seed=seed)
     return pack(held, tokenizer, seq_len)[:n]
 
 
@@ -235,7 +235,7 @@ def evaluate(
         predictions = greedy_generate(model, tokenizer, [i.prompt for i in held], config.max_new_tokens)
     finally:
         load.close()
-    blocks = retention_blocks(config.model, config.seq_len, config.retention_blocks, config.seed)
+    blocks = retention_blocks(config.model, config.retention_data, config.seq_len, config.retention_blocks, config.seed)
     return {
         "rouge-l": rouge_l(predictions, [i.response for i in held]),
         "retention-loss": heldout_loss(model, blocks, batch_size=config.batch_size),

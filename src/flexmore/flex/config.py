@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .shared import METHODS
+from .tasks import FAMILIES
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,8 @@ class FlexConfig:
     out: Path
     data: str = "embedded"  # embedded | a Dolly-style JSONL | a Hub id (databricks/databricks-dolly-15k)
     partition: str = "pathological"  # pathological | iid | dirichlet:ALPHA
+    families: str = ",".join(FAMILIES)  # embedded data: the task families to generate
+    retention_data: str = "embedded:general"  # knowledge retention: held-out loss on this corpus's held-out split
     clients: int = 4
     rounds: int = 3
     method: str = "flex"  # flex | flex-nogate | fedavg | fedprox | fedavgm | local
@@ -70,6 +73,10 @@ class FlexConfig:
             raise ValueError(f"{owner}.prox_mu must be in [0, 1000), got {self.prox_mu!r}")
         if not 0 <= self.server_momentum < 1:
             raise ValueError(f"{owner}.server_momentum must be in [0, 1), got {self.server_momentum!r}")
+        unknown = [f for f in self.families.split(",") if f not in FAMILIES]
+        if unknown or not self.families:
+            raise ValueError(f"{owner}.families must be a comma-separated subset of {','.join(FAMILIES)}, "
+                             f"got {self.families!r}")
         if self.partition not in ("pathological", "iid") and not self.partition.startswith("dirichlet:"):
             raise ValueError(f"{owner}.partition must be pathological, iid or dirichlet:ALPHA, got {self.partition!r}")
 

@@ -116,10 +116,12 @@ def generate(per_family: int, seed: int = 0, families: Sequence[str] = FAMILIES)
     return out
 
 
-def load_instructions(source: str, per_family: int, seed: int = 0) -> list[Instruction]:
-    """`embedded`, a Dolly-style JSONL file, or a Hub dataset id (needs a connection)."""
+def load_instructions(
+    source: str, per_family: int, seed: int = 0, families: Sequence[str] = FAMILIES
+) -> list[Instruction]:
+    """`embedded` (`families` of it), a Dolly-style JSONL file, or a Hub dataset id (needs a connection)."""
     if source == EMBEDDED:
-        return generate(per_family, seed)
+        return generate(per_family, seed, families)
     path = Path(source).expanduser()
     if path.is_file():
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
