@@ -7,6 +7,7 @@ import sys
 import typer
 
 from flexmore.cli import analyze, compose, demo, extract, federate, params, train
+from flexmore.cli import flex as flex_cmd
 from flexmore.cli import select as select_cmd
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app.command("demo")(demo.demo_command)
 app.command("pretrain")(train.pretrain_command)
 app.command("train-expert")(train.train_expert_command)
 app.command("federate")(federate.federate_command)
+app.command("flex")(flex_cmd.flex_command)
 app.command("select")(select_cmd.select_command)
 app.command("analyze")(analyze.analyze_command)
 
