@@ -36,8 +36,14 @@ from flexmore.flex.aggregate import (
 )
 from flexmore.flex.client import frozen_tensors, train_round
 from flexmore.flex.config import FlexConfig
-from flexmore.flex.gate import GraftExpert, attach_grafts, graft_state
-from flexmore.flex.graft import GraftChoice, channel_outputs, choose_grafts, prune_channels, record_blocks, select_experts
+from flexmore.flex.gate import attach_grafts, graft_state
+from flexmore.flex.graft import (
+    GraftChoice,
+    channel_outputs,
+    choose_grafts,
+    prune_channels,
+    select_experts,
+)
 from flexmore.flex.metrics import rouge_l
 from flexmore.flex.shared import build_trainable, shared_state
 from flexmore.training.corpus import math_item
@@ -48,9 +54,11 @@ COMMON = dict(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_he
               max_position_embeddings=128, num_experts_per_tok=2, pad_token_id=0, eos_token_id=0,
               bos_token_id=None)  # fmt: skip
 FAMILIES = {
-    "qwen2_moe": lambda: Qwen2MoeForCausalLM(Qwen2MoeConfig(**COMMON, intermediate_size=64, num_experts=4,
-                                                            moe_intermediate_size=16,
-                                                            shared_expert_intermediate_size=32)),  # fmt: skip
+    "qwen2_moe": lambda: Qwen2MoeForCausalLM(
+        Qwen2MoeConfig(
+            **COMMON, intermediate_size=64, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=32
+        )
+    ),
     "olmoe": lambda: OlmoeForCausalLM(OlmoeConfig(**COMMON, intermediate_size=16, num_experts=4)),
     "mixtral": lambda: MixtralForCausalLM(MixtralConfig(**COMMON, intermediate_size=16, num_local_experts=4)),
     "flex_olmo": lambda: FlexOlmoForCausalLM(FlexOlmoConfig(**COMMON, intermediate_size=16, num_experts=4)),
@@ -180,7 +188,9 @@ def test_flex_round_keeps_experts_and_routers_bit_identical(base: Path, tmp_path
     assert result.model is not None
     after = frozen_tensors(result.model)
     short = {n.removeprefix("base_model.model."): t for n, t in after.items()}
-    assert set(short) == set(pretrained) and len(pretrained) == 2 * (1 + 2 + 4)  # router, experts, shared expert + its gate
+    assert set(short) == set(pretrained) and len(pretrained) == 2 * (
+        1 + 2 + 4
+    )  # router, experts, shared expert + its gate
     assert all(torch.equal(short[n], pretrained[n]) for n in pretrained)
     # what travels: exactly the attention LoRA tensors; the grafts (which did train) stay personal
     assert result.shared and all(".self_attn." in k and ".lora_" in k for k in result.shared)
@@ -197,7 +207,7 @@ def test_baselines_aggregate_expert_lora_and_flex_does_not() -> None:
     assert set(flex) < set(full) and any(".experts." in k for k in full)
     assert not any(".experts." in k or "shared_expert" in k for k in flex)
     assert sum(t.numel() for t in full.values()) > 5 * sum(t.numel() for t in flex.values())
-    assert not frozen_names(build_trainable(tiny("mixtral"), "flex")) == []
+    assert frozen_names(build_trainable(tiny("mixtral"), "flex")) != []
 
 
 # ---------------------------------------------------------------- server math
@@ -259,7 +269,7 @@ def test_flower_simulation_two_clients_two_rounds_then_resumes(base: Path, tmp_p
     assert all(0 <= m["rouge-l"] <= 1 and math.isfinite(m["retention-loss"]) for m in first["evaluation"].values())
     grafts = {c: json.loads((out / "clients" / f"client-{c}" / "personal.json").read_text()) for c in (0, 1)}
     assert all(g["round"] == 2 and g["grafts"] for g in grafts.values())
-    state, meta = load_checkpoint(out / "checkpoint")  # type: ignore[misc]
+    state, _meta = load_checkpoint(out / "checkpoint")  # type: ignore[misc]
     assert state.round == 2 and all(".lora_" in k for k in state.tensors)
     # the bytes of a round: the shared LoRA tensors down to each client and back, nothing else
     shared = 4 * sum(t.numel() for t in state.tensors.values())

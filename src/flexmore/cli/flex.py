@@ -18,8 +18,11 @@ def _echo(line: str) -> None:
 def flex_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output: checkpoint/, clients/, metrics.jsonl, report.")],
     model: Annotated[
-        str, typer.Option(help="A pretrained MoE (Qwen2-MoE, OLMoE, Mixtral, FlexOlmo) folder or Hub id; "
-                               "'embedded': a tiny Qwen2-MoE pretrained here on first use.")  # fmt: skip
+        str,
+        typer.Option(
+            help="A pretrained MoE (Qwen2-MoE, OLMoE, Mixtral, FlexOlmo) folder or Hub id; "
+            "'embedded': a tiny Qwen2-MoE pretrained here on first use."
+        ),
     ] = "embedded",
     data: Annotated[
         str, typer.Option(help="'embedded' (generated tasks), a Dolly-style JSONL, or databricks/databricks-dolly-15k.")

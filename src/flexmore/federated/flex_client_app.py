@@ -10,6 +10,7 @@ in OUT/clients/client-<i>/ on disk, from which a rerun (a new run, empty state) 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -33,7 +34,7 @@ def client_index(context: Context) -> int:
 
 def _global(msg: Message) -> dict:
     record = msg.content.array_records.get("arrays")
-    return record.to_torch_state_dict() if record is not None and len(record) else {}  # type: ignore[no-any-return]
+    return record.to_torch_state_dict() if record is not None and len(record) else {}
 
 
 def _personal(context: Context, config: FlexConfig, client: int) -> Personal | None:
@@ -53,7 +54,7 @@ def train(msg: Message, context: Context) -> Message:
     save_personal(client_dir(config, client), result.personal)
     context.state[STATE_ARRAYS] = to_array_record(result.personal.tensors)
     context.state[STATE_META] = ConfigRecord({"json": json.dumps(result.personal.meta)})
-    metrics = {"num-examples": result.num_examples, "client": client, **result.metrics}
+    metrics: dict[str, Any] = {"num-examples": result.num_examples, "client": client, **result.metrics}
     return Message(
         RecordDict({"arrays": to_array_record(result.shared), "metrics": MetricRecord(metrics)}), reply_to=msg
     )
@@ -63,5 +64,5 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_client(msg: Message, context: Context) -> Message:
     config = FlexConfig.from_run_config(context.run_config)
     client = client_index(context)
-    metrics = evaluate(config, client, _global(msg) or None, _personal(context, config, client))
+    metrics: dict[str, Any] = evaluate(config, client, _global(msg) or None, _personal(context, config, client))
     return Message(RecordDict({"metrics": MetricRecord(metrics | {"client": client})}), reply_to=msg)

@@ -129,7 +129,7 @@ class FlexServer:
                 failed.append(f"node {reply.metadata.src_node_id}: arrays {sorted(set(tensors) ^ expected)[:3]} "
                               "are not exactly the shared keys")  # fmt: skip
                 continue
-            metrics = {k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[union-attr, arg-type]
+            metrics = {k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
             updates.append((tensors, metrics["num-examples"]))
             clients.append(metrics)
         for reason in failed:
@@ -169,7 +169,7 @@ class FlexServer:
             if reply.has_error():
                 log(WARNING, "[flex] evaluation failed on node %d: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
-            metrics = {k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[union-attr, arg-type]
+            metrics = {k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
             out[int(metrics["client"])] = metrics
         with (self.out / METRICS).open("a", encoding="utf-8") as fh:
             line = {"evaluation": {str(k): v for k, v in sorted(out.items())}, "round": state.round}
@@ -186,4 +186,3 @@ class FlexServer:
                 if "evaluation" not in row:
                     rows[int(row["round"])] = row
         return [rows[r] for r in sorted(rows)]
-

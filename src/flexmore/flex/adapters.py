@@ -12,6 +12,7 @@ and the MoE block is `model.layers[L].mlp` (Qwen2-MoE keeps a dense MLP on `mlp_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,7 +67,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise UnsupportedModelError(f"{type(model).__name__}: no decoder layers found at model.layers")
 
 
-def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
+def moe_blocks(model: nn.Module) -> dict[int, Any]:
     """{layer index: its sparse MoE block}; layers with a dense MLP are left out."""
     family = family_of(model)
     blocks = {
@@ -83,7 +84,7 @@ def num_experts(model: nn.Module) -> int:
     return int(getattr(model.config, family_of(model).num_experts_attr))
 
 
-def expert_weights(block: nn.Module, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def expert_weights(block: Any, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gate_proj (I, H), up_proj (I, H), down_proj (H, I)) of one routed expert, as views."""
     experts = block.experts
     gate_up = experts.gate_up_proj[expert]  # (2I, H)
@@ -91,8 +92,9 @@ def expert_weights(block: nn.Module, expert: int) -> tuple[torch.Tensor, torch.T
     return gate_up[:I], gate_up[I:], experts.down_proj[expert]  # (I, H), (I, H), (H, I)
 
 
-def act_fn(block: nn.Module) -> nn.Module:
-    return block.experts.act_fn  # type: ignore[no-any-return]
+def act_fn(block: Any) -> nn.Module:
+    act: nn.Module = block.experts.act_fn
+    return act
 
 
 def frozen_names(model: nn.Module) -> list[str]:
@@ -104,6 +106,11 @@ def frozen_names(model: nn.Module) -> list[str]:
         if "mlp" not in parts:
             continue
         tail = parts[parts.index("mlp") + 1 :]
-        if tail and tail[0] in ("gate", "experts", *family.shared_expert) and "lora_A" not in name and "lora_B" not in name:
+        if (
+            tail
+            and tail[0] in ("gate", "experts", *family.shared_expert)
+            and "lora_A" not in name
+            and "lora_B" not in name
+        ):
             names.append(name)
     return names

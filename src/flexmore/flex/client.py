@@ -113,13 +113,14 @@ def load_model(config: FlexConfig) -> tuple[nn.Module, Any]:
     model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
     family_of(model)  # a clear error for an unsupported family, before anything else
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    return model.to(config.device), tokenizer
+    nn.Module.to(model, config.device)
+    return model, tokenizer
 
 
 def graft_width(config: FlexConfig, model: nn.Module) -> int:
     from .adapters import moe_blocks
 
-    I = next(iter(moe_blocks(model).values())).experts.down_proj.shape[-1]
+    I = int(next(iter(moe_blocks(model).values())).experts.down_proj.shape[-1])
     width = config.graft_width or max(1, I // 2)
     if not 1 <= width <= I:
         raise ValueError(f"--graft-width {width} is out of range: the experts have {I} intermediate channels")
@@ -225,9 +226,10 @@ def evaluate(
     model, tokenizer, _ = prepare(config, client, global_tensors, personal)
     if config.method in GRAFTED and personal is None:
         raise ValueError(f"client {client} has no personal parts to evaluate (it never trained)")
-    if hasattr(model, "merge_and_unload"):
+    merge = getattr(model, "merge_and_unload", None)
+    if merge is not None:
         # Same function, and far faster: PEFT recomputes an expert LoRA's delta on every forward.
-        model = model.merge_and_unload()
+        model = merge()
     _, held = data_for(config, client)
     top_k = int(getattr(model.config, "num_experts_per_tok", 2))
     load = ExpertLoad(model, top_k)

@@ -28,7 +28,7 @@ class FlexConfig:
     gate_bias: float = -2.0  # the gate's initial bias: sigmoid(-2) = 0.12
     shared: str = "lora"  # lora | dense: what FLEx aggregates
     lora_rank: int = 8
-    lora_alpha: float = 16.0
+    lora_alpha: int = 16
     local_steps: int = 30
     batch_size: int = 8
     seq_len: int = 128
@@ -52,8 +52,9 @@ class FlexConfig:
         owner = "FlexConfig"
         if self.method not in METHODS:
             raise ValueError(f"{owner}.method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        for name in ("clients", "rounds", "graft_k", "lora_rank", "local_steps", "batch_size", "examples_per_family",
-                     "heldout_per_client", "calibration_examples", "max_new_tokens", "retention_blocks"):  # fmt: skip
+        positive = "clients rounds graft_k lora_rank lora_alpha local_steps batch_size examples_per_family"
+        positive += " heldout_per_client calibration_examples max_new_tokens retention_blocks"
+        for name in positive.split():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
@@ -63,7 +64,7 @@ class FlexConfig:
             raise ValueError(f"{owner}.seq_len must be >= 16, got {self.seq_len!r}")
         if self.shared not in ("lora", "dense"):
             raise ValueError(f"{owner}.shared must be lora or dense, got {self.shared!r}")
-        for name in ("lr", "graft_lr", "lora_alpha", "server_lr", "wait_nodes_s", "round_timeout_s"):
+        for name in ("lr", "graft_lr", "server_lr", "wait_nodes_s", "round_timeout_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{owner}.{name} must be a positive number, got {value!r}")
@@ -75,8 +76,9 @@ class FlexConfig:
             raise ValueError(f"{owner}.server_momentum must be in [0, 1), got {self.server_momentum!r}")
         unknown = [f for f in self.families.split(",") if f not in FAMILIES]
         if unknown or not self.families:
-            raise ValueError(f"{owner}.families must be a comma-separated subset of {','.join(FAMILIES)}, "
-                             f"got {self.families!r}")
+            raise ValueError(
+                f"{owner}.families must be a comma-separated subset of {','.join(FAMILIES)}, got {self.families!r}"
+            )
         if self.partition not in ("pathological", "iid") and not self.partition.startswith("dirichlet:"):
             raise ValueError(f"{owner}.partition must be pathological, iid or dirichlet:ALPHA, got {self.partition!r}")
 

@@ -121,8 +121,10 @@ def graft_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_graft_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     mine = graft_state(model)
     if set(mine) != set(state):
-        raise ValueError(f"graft state keys differ: missing {sorted(set(mine) - set(state))[:3]}, "
-                         f"unexpected {sorted(set(state) - set(mine))[:3]}")
+        raise ValueError(
+            f"graft state keys differ: missing {sorted(set(mine) - set(state))[:3]}, "
+            f"unexpected {sorted(set(state) - set(mine))[:3]}"
+        )
     with torch.no_grad():
         for i, branch in grafts_of(model).items():
             for name, p in branch.named_parameters():

@@ -66,14 +66,14 @@ def record_blocks(model: nn.Module, batches: list[torch.Tensor]) -> dict[int, tu
     return {i: (torch.cat(xs), torch.cat(zs)) for i, (xs, zs) in seen.items()}
 
 
-def channel_outputs(block: nn.Module, expert: int, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_outputs(block: Any, expert: int, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(h (N, I), down (H, I)) of one expert: its output is h @ down.T."""
     gate, up, down = (w.detach().float() for w in expert_weights(block, expert))
     h = act_fn(block)(X @ gate.T) * (X @ up.T)  # (N, I)
     return h, down
 
 
-def select_experts(block: nn.Module, X: torch.Tensor, Z: torch.Tensor, k: int = 1) -> list[tuple[int, float, float]]:
+def select_experts(block: Any, X: torch.Tensor, Z: torch.Tensor, k: int = 1) -> list[tuple[int, float, float]]:
     """The k experts that best reconstruct Z from X: [(expert, alpha, relative error)], best first."""
     n_experts = block.experts.gate_up_proj.shape[0]
     if not 1 <= k <= n_experts:

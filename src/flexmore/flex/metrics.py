@@ -24,7 +24,7 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 @torch.no_grad()
-def greedy_generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
     """Greedy continuations, one prompt at a time (no padding to get wrong), cut at eos."""
     was_training = model.training
     model.eval()

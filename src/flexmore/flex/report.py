@@ -15,9 +15,13 @@ from .config import FlexConfig
 SUMMARY = "summary.json"
 
 
-def summarize(config: FlexConfig, evaluation: Mapping[int, Mapping[str, float]], rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def summarize(
+    config: FlexConfig, evaluation: Mapping[int, Mapping[str, float]], rounds: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
     clients = sorted(evaluation)
-    mean = (lambda key: sum(evaluation[c][key] for c in clients) / len(clients)) if clients else (lambda key: float("nan"))
+    mean = (
+        (lambda key: sum(evaluation[c][key] for c in clients) / len(clients)) if clients else (lambda key: float("nan"))
+    )
     per_round = [r["bytes_sent"] + r["bytes_received"] for r in rounds]
     return {
         "method": config.method,

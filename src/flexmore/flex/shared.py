@@ -35,7 +35,7 @@ def check_method(method: str) -> str:
 
 
 def build_trainable(
-    model: nn.Module, method: str, *, lora_rank: int = 8, lora_alpha: float = 16.0, shared: SharedKind = "lora"
+    model: nn.Module, method: str, *, lora_rank: int = 8, lora_alpha: int = 16, shared: SharedKind = "lora"
 ) -> nn.Module:
     """`model` with the method's trainable parameters (everything else frozen)."""
     family = family_of(model)
@@ -55,7 +55,7 @@ def build_trainable(
     config = LoraConfig(
         r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets, target_parameters=params or None
     )
-    return get_peft_model(model, config)  # type: ignore[return-value]
+    return get_peft_model(model, config)
 
 
 def _short(name: str) -> str:
@@ -70,9 +70,7 @@ def enable_grafts(model: nn.Module) -> None:
 
 
 def shared_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {
-        _short(n): p for n, p in model.named_parameters() if p.requires_grad and f".{BRANCH}." not in n
-    }
+    return {_short(n): p for n, p in model.named_parameters() if p.requires_grad and f".{BRANCH}." not in n}
 
 
 def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -60,7 +60,9 @@ def _arithmetic(rng: random.Random, _seed: int) -> Instruction:
 
 def _sorting(rng: random.Random, _seed: int) -> Instruction:
     nums = [rng.randint(0, 99) for _ in range(rng.randint(3, 6))]
-    return Instruction("sorting", "Sort in ascending order: " + " ".join(map(str, nums)), " ".join(map(str, sorted(nums))))
+    return Instruction(
+        "sorting", "Sort in ascending order: " + " ".join(map(str, nums)), " ".join(map(str, sorted(nums)))
+    )
 
 
 def _reversal(rng: random.Random, _seed: int) -> Instruction:
@@ -135,8 +137,9 @@ def load_instructions(
     for i, row in enumerate(rows):
         missing = [k for k in ("instruction", "response", "category") if k not in row]
         if missing:
-            raise ValueError(f"{source} record {i}: no field(s) {missing} (Dolly format: instruction, context, "
-                             "response, category)")
+            raise ValueError(
+                f"{source} record {i}: no field(s) {missing} (Dolly format: instruction, context, response, category)"
+            )
         instruction = row["instruction"] + (f"\n{row['context']}" if row.get("context") else "")
         items.append(Instruction(str(row["category"]), instruction, row["response"]))
     return items
@@ -153,8 +156,10 @@ def partition(labels: Sequence[str], clients: int, scheme: str, seed: int = 0) -
     parts: list[list[int]] = [[] for _ in range(clients)]
     if scheme == "pathological":
         if clients > len(names):
-            raise ValueError(f"pathological partition: {clients} clients but only {len(names)} task families "
-                             f"({', '.join(names)}); use at most {len(names)} clients or another partition")
+            raise ValueError(
+                f"pathological partition: {clients} clients but only {len(names)} task families "
+                f"({', '.join(names)}); use at most {len(names)} clients or another partition"
+            )
         owner = {name: i % clients for i, name in enumerate(names)}
         for j, label in enumerate(labels):
             parts[owner[label]].append(j)
