@@ -249,6 +249,45 @@ def test_tasks_have_checked_answers_and_partitions_cover_everything() -> None:
     assert rouge_l(["3 7 19 42"], ["3 7 19 42"]) == 1.0 and rouge_l(["nothing"], ["3 7"]) == 0.0
 
 
+def test_client_app_replies_with_exactly_the_shared_keys(base: Path, tmp_path: Path) -> None:
+    """The ClientApp's reply: the global shared keys (attention LoRA) and metrics; the grafts it trained
+    are in context.state and on disk only. A CLI call with both modes is refused."""
+    pytest.importorskip("flwr")
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from flexmore.federated import flex_client_app
+    from flexmore.federated.wire import to_array_record
+    from flexmore.flex.server import initial_shared
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    try:
+        config = flex_config(base, tmp_path)
+        shared = initial_shared(config)
+        content = RecordDict({"arrays": to_array_record(shared), "config": ConfigRecord({"server-round": 1})})
+        msg = Message(content, dst_node_id=3, message_type="train")
+        context = Context(run_id=1, node_id=3, node_config={"partition-id": 1}, state=RecordDict(),
+                          run_config=config.to_run_config())  # fmt: skip
+        reply = flex_client_app.app(msg, context)
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    assert not reply.has_error(), reply.error
+    assert set(reply.content.array_records) == {"arrays"} and not reply.content.config_records
+    assert set(reply.content["arrays"].keys()) == set(shared)
+    state = context.state[flex_client_app.STATE_ARRAYS]
+    assert isinstance(state, ArrayRecord) and state.keys() and not set(state.keys()) & set(shared)
+    assert (tmp_path / "clients" / "client-1" / "personal.safetensors").is_file()
+
+    from typer.testing import CliRunner
+
+    from flexmore.cli import app as cli
+
+    result = CliRunner().invoke(cli, ["flex", "--out", str(tmp_path / "x"), "--model", str(base), "--simulation",
+                                      "--deployment"])  # fmt: skip
+    assert result.exit_code == 2 and "exactly one of --simulation or --deployment" in result.output
+
+
 # ---------------------------------------------------------------- Flower for real
 
 
