@@ -7,8 +7,10 @@ import sys
 import typer
 
 from flexmore.cli import analyze, compose, demo, extract, federate, params, train
+from flexmore.cli import eval as eval_cli
 from flexmore.cli import flex as flex_cmd
 from flexmore.cli import select as select_cmd
+from flexmore.cli import sweep as sweep_cli
 
 app = typer.Typer(
     name="flexmore",
@@ -24,6 +26,8 @@ app.command("demo")(demo.demo_command)
 app.command("pretrain")(train.pretrain_command)
 app.command("train-expert")(train.train_expert_command)
 app.command("federate")(federate.federate_command)
+app.command("eval")(eval_cli.eval_command)
+app.command("sweep")(sweep_cli.sweep_command)
 app.command("flex")(flex_cmd.flex_command)
 app.command("select")(select_cmd.select_command)
 app.command("analyze")(analyze.analyze_command)

@@ -129,16 +129,25 @@ def autocast(config: TrainConfig) -> torch.autocast:
     return torch.autocast(device_type, dtype=DTYPES[config.dtype], enabled=config.dtype != "float32")
 
 
+@dataclass(frozen=True)
+class HeldoutStats:
+    loss: float  # mean token cross-entropy (nats)
+    token_acc: float  # share of next tokens that are the argmax prediction
+    tokens: int  # predictions behind both
+
+
 @torch.no_grad()
-def heldout_loss(
+def heldout_stats(
     model: nn.Module,
     blocks: torch.Tensor,
     *,
     batch_size: int,
     max_batches: int | None = None,
     config: TrainConfig | None = None,
-) -> float:
-    """Mean token cross-entropy (nats) of next-token prediction on packed blocks (N, seq_len)."""
+    progress: Callable[[int, int], None] | None = None,
+) -> HeldoutStats:
+    """Next-token cross-entropy and accuracy on packed blocks (N, seq_len), in batches; `progress(done,
+    total)` after each batch (blocks)."""
     config = config or TrainConfig()
     was_training = model.training
     model.eval()
@@ -146,6 +155,7 @@ def heldout_loss(
     if n == 0:
         raise ValueError("heldout_loss: no held-out blocks")
     total = torch.zeros((), dtype=torch.float64)
+    correct = 0
     count = 0
     try:
         for start in range(0, n, batch_size):
@@ -157,10 +167,25 @@ def heldout_loss(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
             )
             total += ce.to("cpu", torch.float64)
+            correct += int((logits[:, :-1].argmax(-1) == targets).sum())
             count += targets.numel()
+            if progress is not None:
+                progress(min(start + batch_size, n), n)
     finally:
         model.train(was_training)
-    return float(total) / count
+    return HeldoutStats(loss=float(total) / count, token_acc=correct / count, tokens=count)
+
+
+def heldout_loss(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    *,
+    batch_size: int,
+    max_batches: int | None = None,
+    config: TrainConfig | None = None,
+) -> float:
+    """Mean token cross-entropy (nats) of next-token prediction on packed blocks (N, seq_len)."""
+    return heldout_stats(model, blocks, batch_size=batch_size, max_batches=max_batches, config=config).loss
 
 
 @dataclass(frozen=True)
