@@ -158,7 +158,8 @@ def _extract(expert: SweepExpert, out: Path, max_rank: int, progress: Progress |
     folder = out / expert.name
     if (folder / "expert.json").is_file():
         meta = ExpertMeta.load(folder)
-        if meta.max_rank >= max_rank and meta.expert_index == expert.index:
+        same_source = Path(meta.source).resolve() == Path(expert.path).resolve()
+        if same_source and meta.max_rank >= max_rank and meta.expert_index == expert.index:
             return folder
     assert expert.index is not None
     config = ExtractConfig(

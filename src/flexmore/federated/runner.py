@@ -165,7 +165,7 @@ def run_simulation(
     config = _prepare(replace(config, min_nodes=num_nodes))
     federation = f"num-supernodes={num_nodes}"
     if client_cpus is not None:
-        federation += f" client-resources-num-cpus={client_cpus}"
+        federation += f" client-resources-num-cpus={client_cpus:g}"  # 1, not 1.0: Flower wants an int there
     return _launch(config, simulation=True, federation_config=federation, nodes={}, echo=echo)
 
 
