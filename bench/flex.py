@@ -28,14 +28,16 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=20)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--gate-bias", type=float, default=None, help="FLEx gate's initial bias (default: config's)")
     args = parser.parse_args()
     model = resolve_model("embedded", print)
     start = time.perf_counter()
     summaries = []
     for method in args.methods.split(","):
         t = time.perf_counter()
+        extra = {} if args.gate_bias is None else {"gate_bias": args.gate_bias}
         config = FlexConfig(model=model, out=args.out / method, method=method, clients=args.clients,
-                            rounds=args.rounds, local_steps=args.local_steps)  # fmt: skip
+                            rounds=args.rounds, local_steps=args.local_steps, **extra)  # fmt: skip
         report = run_flex_simulation(config).report
         if report.get("error"):
             raise SystemExit(f"{method}: {report['error']}")

@@ -14,7 +14,7 @@ from flexmore.cli.common import console, progress_bar, user_errors
 def demo_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the study writes everything.")] = Path("runs/demo"),
     seed: Annotated[int, typer.Option(help="Seed of the data split, the weights and the task items.")] = 0,
-    limit: Annotated[int, typer.Option(help="Multiple-choice items per evaluation task.")] = 100,
+    blocks: Annotated[int, typer.Option(help="256-token held-out blocks per domain behind each score.")] = 64,
     threads: Annotated[
         int, typer.Option(help="Torch threads while evaluating (tiny models: 1 is fastest on a busy CPU).")
     ] = 1,
@@ -26,7 +26,7 @@ def demo_command(
     with user_errors():
         from flexmore.demo import DemoConfig, run_demo
 
-        config = DemoConfig(out=out, seed=seed, limit=limit, eval_threads=threads)
+        config = DemoConfig(out=out, seed=seed, heldout_blocks=blocks, eval_threads=threads)
         start = time.perf_counter()
         report = run_demo(config, lambda line: console.print(line, highlight=False, markup=False), progress_bar)
     console.print(f"report -> {report} ({time.perf_counter() - start:.0f}s)", highlight=False)

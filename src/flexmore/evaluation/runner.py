@@ -55,11 +55,13 @@ class EvalConfig:
         for folder in self.include:
             if not Path(folder).is_dir():
                 raise FileNotFoundError(f"--include {folder}: not a folder of lm-eval task YAMLs")
+        if not self.tasks and not self.heldout:
+            raise ValueError("nothing to evaluate: give tasks, or heldout=True (--heldout)")
         self.plan  # noqa: B018 - validates the task list now, not mid-sweep
 
     @property
     def plan(self) -> TaskPlan:
-        return resolve_tasks(self.tasks)
+        return resolve_tasks(self.tasks) if self.tasks else TaskPlan(())  # () with heldout: held-out only
 
 
 # ---------------------------------------------------------------- models
