@@ -33,21 +33,11 @@ from flexmore.training.data import load_texts, pack, split_heldout
 from flexmore.training.expert import ExpertTrainConfig
 from flexmore.training.loop import heldout_loss
 from flexmore.training.tokenizer import train_tokenizer
+from helpers import sentences
 
-WORDS = ("the", "a", "cat", "dog", "bird", "sat", "ran", "flew", "on", "under", "mat", "tree", "red", "big")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL_CORPUS = CorpusConfig(max_docs_per_domain=300, max_chars_per_domain=150_000)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def sentences(rng: random.Random, n: int) -> str:
-    return " ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 8))) + "." for _ in range(n))
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,7 @@ from flexmore.federated.wire import (
 from flexmore.training.corpus import math_item
 from flexmore.training.loop import TrainConfig
 from flexmore.training.public import PretrainConfig, PublicModelConfig, pretrain
+from helpers import WORDS, sentences
 
 TINY = PublicModelConfig(
     vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -55,12 +56,7 @@ TINY = PublicModelConfig(
 )  # fmt: skip
 TRAIN = TrainConfig(steps=6, batch_size=4, seq_len=32, lr=1e-2, warmup=1, eval_batches=2)
 DIMS = (TINY.num_hidden_layers, TINY.hidden_size, TINY.intermediate_size)
-WORDS = ("the", "a", "cat", "dog", "bird", "sat", "ran", "flew", "on", "under", "mat", "tree", "red", "big")
 REQUEST_KEYS = sorted(TrainRequest("p", "h", None, TRAIN, None, 16, 0.05).to_record())
-
-
-def sentences(rng: random.Random, n: int) -> str:
-    return " ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 8))) + "." for _ in range(n))
 
 
 def write_docs(folder: Path, docs: list[str]) -> str:

@@ -13,18 +13,10 @@ from transformers import AutoModelForCausalLM, FlexOlmoConfig, FlexOlmoForCausal
 
 from flexmore.mixture import ExpertParts, FlexMoReConfig, FlexMoReForCausalLM, compose_low_rank, from_flexolmo
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 H, I, L, V = 64, 96, 2, 128
 PROJ_SHAPES = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine two threads wait on each
-    other at every op (tens of seconds instead of a few)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def flexolmo_config(num_experts: int, top_k: int) -> FlexOlmoConfig:

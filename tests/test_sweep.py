@@ -21,20 +21,9 @@ from flexmore.lowrank.extract import ExtractConfig, extract
 from flexmore.mixture.compose import ComposeConfig, ExpertSpec, compose
 from flexmore.toy import save_tiny_flexolmo, tiny_config
 from flexmore.training.tokenizer import train_tokenizer
+from helpers import sentences
 
-WORDS = ("the", "a", "cat", "dog", "bird", "sat", "ran", "flew", "on", "under", "mat", "tree", "red", "big")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def sentences(rng: random.Random, n: int) -> str:
-    return " ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 8))) + "." for _ in range(n))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

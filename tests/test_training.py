@@ -30,13 +30,15 @@ from flexmore.training.expert import (
 )
 from flexmore.training.loop import TrainConfig, Trainer, checkpoint_dir_for, lr_factor
 from flexmore.training.public import PretrainConfig, PublicModelConfig, pretrain
+from helpers import sentences
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = PublicModelConfig(
     vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
     max_position_embeddings=64,
 )  # fmt: skip
 TRAIN = TrainConfig(steps=6, batch_size=4, seq_len=32, lr=1e-2, warmup=1, eval_batches=2, weight_decay=0.1)
-WORDS = ("the", "a", "cat", "dog", "bird", "sat", "ran", "flew", "on", "under", "mat", "tree", "red", "big")
 
 
 def write_docs(folder: Path, docs: list[str]) -> Path:
@@ -44,20 +46,6 @@ def write_docs(folder: Path, docs: list[str]) -> Path:
     for i, doc in enumerate(docs):
         (folder / f"{i:04d}.txt").write_text(doc)
     return folder
-
-
-def sentences(rng: random.Random, n: int) -> str:
-    return " ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 8))) + "." for _ in range(n))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run faster on one thread, and a second thread fighting another busy process
-    for 2 cores can be 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
