@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
+
 from flexmore.analysis.scores import PointScores
-from flexmore.demo import BASELINE, Recipe, findings
+from flexmore.demo import BASELINE, DemoConfig, Recipe, findings, run_demo
 
 GROUPS = ("code", "math")
 
@@ -33,3 +38,13 @@ def test_findings_compare_with_two_standard_errors() -> None:
     # 2 sqrt((2 * 0.21 + 2 * 0.25) / 100) / 2 = 0.0959. The peer is the cheapest homogeneous mixture
     # with at least hetero-avg's 120 parameters: homo-4 (130).
     assert homo == ["a2: hetero-avg (0.00M) 0.3000 vs homo-4 (0.00M) 0.5000: lower (-0.2000, |d| > 2 SE 0.0959)"]
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path: Path) -> None:
+    first = DemoConfig(out=tmp_path, seed=1)
+    (tmp_path / "demo.json").write_text(json.dumps(first.settings()))
+    with pytest.raises(ValueError, match="holds a run with other settings"):
+        run_demo(DemoConfig(out=tmp_path, seed=0), print)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json"]  # nothing started
+    with pytest.raises(ValueError, match="client_cpus"):
+        DemoConfig(client_cpus=0)

@@ -4,7 +4,7 @@
     federation/    train one full expert per domain on Flower's simulation engine (FlexOlmo recipe)
     experts/       every expert extracted once, at the largest useful rank (PHLoRA)
     results.jsonl  sweep: public + one expert at each rank and full-size; then every mixture at 2, 4, all active
-    mixtures/      heterogeneous (proxy and budget selection), homogeneous ranks and the FlexOlmo baseline
+    mixtures/      heterogeneous (proxy, budget and energy selection), homogeneous ranks, the FlexOlmo baseline
     analysis/      rank-sensitivity tables and plots
     report.md      paper Table 1 and 2 layouts, every number measured in this run
 
@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,12 @@ class DemoConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"DemoConfig.{name} must be a positive int, got {value!r}")
+        if not self.client_cpus > 0:
+            raise ValueError(f"DemoConfig.client_cpus must be > 0, got {self.client_cpus!r}")
+
+    def settings(self) -> dict[str, Any]:
+        """What the artefacts depend on (not where they are, nor threads): a rerun must match them."""
+        return {k: v for k, v in asdict(self).items() if k not in ("out", "eval_threads")}
 
     @property
     def public(self) -> Path:
@@ -403,8 +409,15 @@ def run_demo(config: DemoConfig, say: Say, bar: Bar = no_bar) -> Path:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress lines only
-    clock = _Clock(config.out / "timings.json")
     config.out.mkdir(parents=True, exist_ok=True)
+    settings = config.out / "demo.json"
+    if settings.is_file() and json.loads(settings.read_text()) != config.settings():
+        raise ValueError(
+            f"{config.out} holds a run with other settings ({settings.read_text().strip()}); "
+            "resume it with those, or give another --out"
+        )
+    atomic_write_text(settings, json.dumps(config.settings(), sort_keys=True) + "\n")
+    clock = _Clock(config.out / "timings.json")
     say("[1/6] pretrain the public model")
     clock.step("pretrain", lambda: pretrain_public(config, say, bar))
     say(f"[2/6] train one expert per domain on Flower's simulation engine (logs: {config.federation}/.flower/logs)")
