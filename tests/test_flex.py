@@ -321,3 +321,24 @@ def test_flower_simulation_two_clients_two_rounds_then_resumes(base: Path, tmp_p
         personal = json.loads((out / "clients" / f"client-{c}" / "personal.json").read_text())
         assert personal["round"] == 3 and personal["grafts"] == grafts[c]["grafts"]  # grafted once, reloaded
     assert (out / "report.md").is_file() and second["summary"]["rounds"] == 3
+
+
+@pytest.mark.slow
+def test_flower_loopback_deployment_one_round(base: Path, tmp_path: Path) -> None:
+    """A SuperLink and two SuperNodes as real processes on 127.0.0.1 run one FLEx round; only the
+    shared LoRA travels, and every process the launcher started is stopped."""
+    pytest.importorskip("flwr")
+    from flexmore.federated.flex_runner import run_flex_deployment
+    from flexmore.federated.processes import _alive  # zombies count as stopped
+
+    out = tmp_path / "out"
+    result = run_flex_deployment(flex_config(base, out, rounds=1))
+    report = result.report
+    assert report["error"] is None and report["rounds_this_run"] == [1]
+    assert any(c.startswith("flower-supernode") or "flower-supernode" in c for c in result.commands)
+    (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "evaluation" not in line]
+    assert len(row["clients"]) == 2 and not row["failed"]
+    state, _meta = load_checkpoint(out / "checkpoint")  # type: ignore[misc]
+    shared = 4 * sum(t.numel() for t in state.tensors.values())
+    assert row["payload_bytes_sent"] == row["payload_bytes_received"] == 2 * shared
+    assert result.stopped_pids and all(not _alive(pid) for pid in result.stopped_pids)

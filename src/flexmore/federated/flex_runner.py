@@ -31,7 +31,7 @@ def run_flex_simulation(
     config = _prepare(config)
     federation = f"num-supernodes={config.clients}"
     if client_cpus is not None:
-        federation += f" client-resources-num-cpus={client_cpus}"
+        federation += f" client-resources-num-cpus={client_cpus:g}"  # 1, not 1.0: Flower wants an int
     return _launch(config, simulation=True, federation_config=federation, nodes={}, echo=echo,  # type: ignore[arg-type]
                    components=COMPONENTS, report_name=REPORT)  # fmt: skip
 
