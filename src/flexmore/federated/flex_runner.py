@@ -11,7 +11,7 @@ from pathlib import Path
 from flexmore.flex.config import FlexConfig
 
 from .flex_coordinator import REPORT
-from .runner import FederationResult, _launch
+from .runner import FederationResult, _launch, simulation_federation
 
 COMPONENTS = {
     "serverapp": "flexmore.federated.flex_server_app:app",
@@ -29,9 +29,7 @@ def run_flex_simulation(
 ) -> FederationResult:
     """`config.clients` simulated SuperNodes; node i is client i (its partition-id)."""
     config = _prepare(config)
-    federation = f"num-supernodes={config.clients}"
-    if client_cpus is not None:
-        federation += f" client-resources-num-cpus={client_cpus:g}"  # 1, not 1.0: Flower wants an int
+    federation = simulation_federation(config.clients, client_cpus)
     return _launch(config, simulation=True, federation_config=federation, nodes={}, echo=echo,  # type: ignore[arg-type]
                    components=COMPONENTS, report_name=REPORT)  # fmt: skip
 

@@ -163,10 +163,16 @@ def run_simulation(
     if missing:
         raise ValueError(f"--simulation {num_nodes}: node-data has no entry for nodes {missing}")
     config = _prepare(replace(config, min_nodes=num_nodes))
+    return _launch(config, simulation=True, federation_config=simulation_federation(num_nodes, client_cpus),
+                   nodes={}, echo=echo)  # fmt: skip
+
+
+def simulation_federation(num_nodes: int, client_cpus: float | None) -> str:
+    """`flwr run --federation-config` for the simulation engine."""
     federation = f"num-supernodes={num_nodes}"
     if client_cpus is not None:
         federation += f" client-resources-num-cpus={client_cpus:g}"  # 1, not 1.0: Flower wants an int there
-    return _launch(config, simulation=True, federation_config=federation, nodes={}, echo=echo)
+    return federation
 
 
 def deployment_nodes(config: FederateConfig) -> dict[int, dict[str, str]]:
