@@ -368,9 +368,11 @@ def test_cli_needs_exactly_one_mode(world: Path) -> None:
     assert result.exit_code == 2 and "exactly one of --simulation N or --deployment" in result.output
 
 
-def test_simulation_federation_config_gives_flower_whole_cpus_as_ints() -> None:
+def test_simulation_federation_config_takes_whole_cpus_only() -> None:
     from flexmore.federated.runner import simulation_federation
 
     assert simulation_federation(4, None) == "num-supernodes=4"
-    assert simulation_federation(4, 1.0) == "num-supernodes=4 client-resources-num-cpus=1"  # "1.0" is refused
-    assert simulation_federation(2, 0.5) == "num-supernodes=2 client-resources-num-cpus=0.5"
+    assert simulation_federation(4, 1) == "num-supernodes=4 client-resources-num-cpus=1"
+    for bad in (0, 0.5, 1.0):  # Flower 1.42 refuses "1.0" deep inside `flwr run`: say so up front
+        with pytest.raises(ValueError, match="positive whole number"):
+            simulation_federation(4, bad)  # type: ignore[arg-type]

@@ -43,7 +43,7 @@ class DemoConfig:
     seed: int = 0
     pretrain_steps: int = 300
     expert_steps: int = 80
-    client_cpus: float = 1.0  # Ray reserves this per simulated client: 2 train at once on 2 cores
+    client_cpus: int = 1  # Ray reserves this per simulated client: 2 train at once on 2 cores
     heldout_blocks: int = 64  # 256-token blocks of held-out text per domain behind each score
     eval_threads: int = 1  # tiny models: thread overhead exceeds the work (measured 3-6x slower at 2)
 
@@ -52,8 +52,8 @@ class DemoConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"DemoConfig.{name} must be a positive int, got {value!r}")
-        if not self.client_cpus > 0:
-            raise ValueError(f"DemoConfig.client_cpus must be > 0, got {self.client_cpus!r}")
+        if isinstance(self.client_cpus, bool) or not isinstance(self.client_cpus, int) or self.client_cpus < 1:
+            raise ValueError(f"DemoConfig.client_cpus must be a positive int, got {self.client_cpus!r}")
 
     def settings(self) -> dict[str, Any]:
         """What the artefacts depend on (not where they are, nor threads): a rerun must match them."""

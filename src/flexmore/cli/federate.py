@@ -60,7 +60,7 @@ def federate_command(
         float, typer.Option(help="Seconds to wait for replies; later ones are failures.")
     ] = 3600.0,
     client_cpus: Annotated[
-        float | None, typer.Option(help="Simulation: CPUs Ray reserves per client (Flower's default: 2).")
+        int | None, typer.Option(help="Simulation: whole CPUs Ray reserves per client (Flower's default: 2).")
     ] = None,
 ) -> None:
     """Train one expert per data owner in isolation on Flower (the FlexOlmo recipe: the public model frozen,

@@ -44,7 +44,7 @@ def flex_command(
     deployment: Annotated[
         bool, typer.Option("--deployment", help="A SuperLink and one SuperNode per client on 127.0.0.1.")
     ] = False,
-    client_cpus: Annotated[float | None, typer.Option(help="Simulation: CPUs Ray reserves per client.")] = None,
+    client_cpus: Annotated[int | None, typer.Option(help="Simulation: whole CPUs Ray reserves per client.")] = None,
 ) -> None:
     """Clients fine-tune a pretrained MoE together: experts and routers stay frozen, only the shared
     (non-expert) adapters travel and are averaged, and each client grafts a pruned copy of its best-matching

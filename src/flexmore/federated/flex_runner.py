@@ -25,7 +25,7 @@ def _prepare(config: FlexConfig) -> FlexConfig:
 
 
 def run_flex_simulation(
-    config: FlexConfig, echo: Callable[[str], None] | None = None, client_cpus: float | None = None
+    config: FlexConfig, echo: Callable[[str], None] | None = None, client_cpus: int | None = None
 ) -> FederationResult:
     """`config.clients` simulated SuperNodes; node i is client i (its partition-id)."""
     config = _prepare(config)

@@ -156,7 +156,7 @@ def _flwr_run(ws: _Workspace, federation_config: str | None) -> list[str]:
 
 
 def run_simulation(
-    config: FederateConfig, num_nodes: int, echo: Callable[[str], None] | None = None, client_cpus: float | None = None
+    config: FederateConfig, num_nodes: int, echo: Callable[[str], None] | None = None, client_cpus: int | None = None
 ) -> FederationResult:
     """`num_nodes` simulated SuperNodes on Ray; node i trains on `config.node_data[i]`."""
     missing = sorted(set(range(num_nodes)) - set(config.node_data))
@@ -167,11 +167,14 @@ def run_simulation(
                    nodes={}, echo=echo)  # fmt: skip
 
 
-def simulation_federation(num_nodes: int, client_cpus: float | None) -> str:
+def simulation_federation(num_nodes: int, client_cpus: int | None) -> str:
     """`flwr run --federation-config` for the simulation engine."""
     federation = f"num-supernodes={num_nodes}"
     if client_cpus is not None:
-        federation += f" client-resources-num-cpus={client_cpus:g}"  # 1, not 1.0: Flower wants an int there
+        # Flower 1.42 carries it as an int (federation_config.proto): "1.0" or "0.5" fail inside `flwr run`.
+        if isinstance(client_cpus, bool) or not isinstance(client_cpus, int) or client_cpus < 1:
+            raise ValueError(f"client CPUs must be a positive whole number, got {client_cpus!r}")
+        federation += f" client-resources-num-cpus={client_cpus}"
     return federation
 
 
