@@ -30,7 +30,7 @@ def run_flex_simulation(
     """`config.clients` simulated SuperNodes; node i is client i (its partition-id)."""
     config = _prepare(config)
     federation = simulation_federation(config.clients, client_cpus)
-    return _launch(config, simulation=True, federation_config=federation, nodes={}, echo=echo,  # type: ignore[arg-type]
+    return _launch(config, simulation=True, federation_config=federation, nodes={}, echo=echo,
                    components=COMPONENTS, report_name=REPORT)  # fmt: skip
 
 
@@ -38,5 +38,5 @@ def run_flex_deployment(config: FlexConfig, echo: Callable[[str], None] | None =
     """A SuperLink and one SuperNode per client (node-config partition-id=i) on 127.0.0.1."""
     config = _prepare(config)
     nodes = {i: {"partition-id": str(i)} for i in range(config.clients)}
-    return _launch(config, simulation=False, federation_config=None, nodes=nodes, echo=echo,  # type: ignore[arg-type]
+    return _launch(config, simulation=False, federation_config=None, nodes=nodes, echo=echo,
                    components=COMPONENTS, report_name=REPORT)  # fmt: skip

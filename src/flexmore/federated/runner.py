@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import tomli_w
 
@@ -40,6 +40,20 @@ FLOWER_VARS = (
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION",
 )
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
+
+
+class LaunchConfig(Protocol):
+    """What the launcher needs of a run's config: FederateConfig's, or FLEx's."""
+
+    @property
+    def out(self) -> Path | str: ...
+    @property
+    def run_token(self) -> str: ...
+    @property
+    def wait_nodes_s(self) -> float: ...
+    @property
+    def round_timeout_s(self) -> float: ...
+    def to_run_config(self) -> dict[str, str | int | float | bool]: ...
 
 
 class FederationError(RuntimeError):
@@ -111,7 +125,7 @@ def _node_config(items: dict[str, str]) -> str:
 class _Workspace:
     """OUT/.flower: app project, run config, Flower homes, logs."""
 
-    def __init__(self, config: FederateConfig, components: dict[str, str] | None = None) -> None:
+    def __init__(self, config: LaunchConfig, components: dict[str, str] | None = None) -> None:
         self.root = Path(config.out).resolve() / ".flower"
         self.app = self.root / "app"
         self.logs = self.root / "logs"
@@ -198,7 +212,7 @@ def run_deployment(config: FederateConfig, echo: Callable[[str], None] | None = 
 
 
 def _launch(
-    config: FederateConfig,
+    config: LaunchConfig,
     *,
     simulation: bool,
     federation_config: str | None,
@@ -207,9 +221,8 @@ def _launch(
     components: dict[str, str] | None = None,
     report_name: str = REPORT,
 ) -> FederationResult:
-    """`config` is a FederateConfig, or any config with its `out`, `run_token`, `wait_nodes_s`,
-    `round_timeout_s` and `to_run_config()` (FLEx's); `components` names other ServerApp/ClientApp modules
-    and `report_name` the file their ServerApp writes."""
+    """`components` names other ServerApp/ClientApp modules (FLEx's) and `report_name` the file their
+    ServerApp writes."""
     say = echo or (lambda _line: None)
     start = time.perf_counter()
     ws = _Workspace(config, components)
@@ -270,7 +283,7 @@ def _follow(run: Started, say: Callable[[str], None], timeout_s: float) -> str |
     return found[0] if found else None
 
 
-def _read_report(config: FederateConfig, run: Started, group: ProcessGroup, name: str = REPORT) -> dict[str, Any]:
+def _read_report(config: LaunchConfig, run: Started, group: ProcessGroup, name: str = REPORT) -> dict[str, Any]:
     path = Path(config.out) / name
     deadline = time.monotonic() + 10.0  # the stream can end a moment before the ServerApp's last write
     while time.monotonic() < deadline:
