@@ -20,19 +20,18 @@ from typing import Any
 
 import torch
 
-from flexmore.lowrank.expert import WEIGHTS, ExpertMeta, energy_profile, factor_key, router_key
+from flexmore.lowrank.expert import router_key
 from flexmore.mixture.compose import TOKENIZER_FILES, ComposeConfig, ExpertSpec, compose
 from flexmore.storage import (
     PROJECTIONS,
     FlexOlmoCheckpoint,
-    StreamingSafetensorsWriter,
     atomic_dir,
     atomic_write_text,
     fingerprint,
     public_digest,
     write_sharded,
 )
-from flexmore.training.expert import refactorize
+from flexmore.training.expert import write_trained_expert
 
 from .wire import FULL, LOW_RANK, weight_key
 
@@ -111,7 +110,8 @@ def save_expert(
         if kind == FULL:
             _write_two_expert_checkpoint(tmp, tensors, public)
         elif kind == LOW_RANK and rank is not None:
-            _write_expert_folder(tmp, name, rank, tensors, public)
+            write_trained_expert(tmp, tensors, name=name, source=f"flower:{name}", dims=public.dims, rank=rank,
+                                 digest=public.digest, public_expert=PUBLIC_EXPERT)  # fmt: skip
         else:
             raise ValueError(f"kind {kind!r} with rank {rank!r}")
         atomic_write_text(tmp / RECEIPT, json.dumps(receipt, indent=2) + "\n")
@@ -152,40 +152,6 @@ def _write_two_expert_checkpoint(folder: Path, tensors: Mapping[str, torch.Tenso
     for file in TOKENIZER_FILES:
         if (ckpt.folder / file).is_file():
             shutil.copy2(ckpt.folder / file, folder / file)
-
-
-def _write_expert_folder(
-    folder: Path, name: str, rank: int, tensors: Mapping[str, torch.Tensor], public: PublicModel
-) -> None:
-    """The expert folder format. Factors are re-ordered by singular value here, whatever the sender did,
-    so every prefix rank is the best truncation of the product it sent (B' A' = B A exactly)."""
-    num_layers, H, I = public.dims
-    meta = ExpertMeta(
-        name=name,
-        source=f"flower:{name}",
-        public_expert=PUBLIC_EXPERT,
-        expert_index=1,
-        num_layers=num_layers,
-        hidden_size=H,
-        intermediate_size=I,
-        max_rank=rank,
-        dtype="float32",
-        svd="trained",
-        shapes={p: [H, I] if p == "down_proj" else [I, H] for p in PROJECTIONS},
-        public_digest=public.digest,
-        public_sha256=public.sha256,
-    )
-    with StreamingSafetensorsWriter(
-        folder / WEIGHTS, meta.tensor_specs(torch.float32), {"format": "flexmore-expert"}
-    ) as w:
-        for layer in range(num_layers):
-            for p in PROJECTIONS:
-                A, B, S = refactorize(tensors[factor_key(layer, p, "lora_A")], tensors[factor_key(layer, p, "lora_B")])
-                w.write(factor_key(layer, p, "lora_A"), A.contiguous())  # (r, d_in)
-                w.write(factor_key(layer, p, "lora_B"), B.contiguous())  # (d_out, r)
-                meta.matrices[f"layers.{layer}.{p}"] = energy_profile(S, rank)
-            w.write(router_key(layer), tensors[router_key(layer)].float().contiguous())  # (H,)
-    meta.save(folder)
 
 
 def compose_mixture(out: Path, public: str, experts: Mapping[str, SavedExpert], top_k: int | None) -> Path:

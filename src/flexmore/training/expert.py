@@ -29,7 +29,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, FlexOlmoConfig, FlexOlmoForCausalLM
 
-from flexmore.lowrank.expert import WEIGHTS, ExpertMeta, energy_profile, factor_key, router_key
+from flexmore.lowrank.expert import WEIGHTS, ExpertMeta, energy_profile, factor_key, router_bias_key, router_key
 from flexmore.storage import (
     PROJECTIONS,
     FlexOlmoCheckpoint,
@@ -388,14 +388,43 @@ def write_expert_folder(
 ) -> ExpertMeta:
     """Write the trained low-rank expert NEW of `model` as `expert.safetensors` + `expert.json` in `folder`."""
     config: Any = model.config
-    H, I = config.hidden_size, config.intermediate_size
+    tensors: dict[str, torch.Tensor] = {}
+    for L, block in enumerate(moe_blocks(model)):
+        expert = block.experts.low_rank[str(NEW)]
+        for proj in PROJECTIONS:
+            factors = getattr(expert, proj)
+            tensors[factor_key(L, proj, "lora_A")] = factors.lora_A.detach()  # (r, d_in)
+            tensors[factor_key(L, proj, "lora_B")] = factors.lora_B.detach()  # (d_out, r)
+        tensors[router_key(L)] = block.gate.weight[NEW].detach()  # (H,)
+        if getattr(block.gate, "bias", None) is not None:  # the learnt non-positive bias, stored as min(b, 0)
+            tensors[router_bias_key(L)] = block.gate.bias[NEW].detach().clamp(max=0)
+    dims = (config.num_hidden_layers, config.hidden_size, config.intermediate_size)
     digest = public_digest(FlexOlmoCheckpoint(public), public_expert)
+    return write_trained_expert(folder, tensors, name=name, source=source, dims=dims, rank=rank, digest=digest,
+                                public_expert=public_expert)  # fmt: skip
+
+
+def write_trained_expert(
+    folder: Path,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    name: str,
+    source: str,
+    dims: tuple[int, int, int],
+    rank: int,
+    digest: dict[str, str],
+    public_expert: int = 0,
+) -> ExpertMeta:
+    """The expert folder format from trained factors and router rows keyed as in it (`router_bias` too,
+    when present). Factors are re-ordered by singular value here, whatever the trainer produced, so every
+    prefix rank is the best truncation of the product (B' A' = B A exactly)."""
+    num_layers, H, I = dims
     meta = ExpertMeta(
         name=name,
         source=source,
         public_expert=public_expert,
         expert_index=NEW,
-        num_layers=config.num_hidden_layers,
+        num_layers=num_layers,
         hidden_size=H,
         intermediate_size=I,
         max_rank=rank,
@@ -405,23 +434,20 @@ def write_expert_folder(
         public_digest=digest,
         public_sha256=fingerprint(digest),
     )
-    blocks = moe_blocks(model)
     specs = meta.tensor_specs(torch.float32)
-    biased = getattr(blocks[0].gate, "bias", None) is not None
-    if biased:  # not in the format yet (compose ignores it): the learnt non-positive bias, min(b, 0)
-        specs |= {f"layers.{L}.router_bias": (torch.float32, ()) for L in range(len(blocks))}
+    biased = router_bias_key(0) in tensors
+    if biased:
+        specs |= {router_bias_key(L): (torch.float32, ()) for L in range(num_layers)}
     with StreamingSafetensorsWriter(folder / WEIGHTS, specs, {"format": "flexmore-expert"}) as w:
-        for L, block in enumerate(blocks):
-            expert = block.experts.low_rank[str(NEW)]
+        for L in range(num_layers):
             for proj in PROJECTIONS:
-                factors = getattr(expert, proj)
-                A, B, S = refactorize(factors.lora_A.detach(), factors.lora_B.detach())
-                w.write(factor_key(L, proj, "lora_A"), A.contiguous())
-                w.write(factor_key(L, proj, "lora_B"), B.contiguous())
+                A, B, S = refactorize(tensors[factor_key(L, proj, "lora_A")], tensors[factor_key(L, proj, "lora_B")])
+                w.write(factor_key(L, proj, "lora_A"), A.contiguous())  # (r, d_in)
+                w.write(factor_key(L, proj, "lora_B"), B.contiguous())  # (d_out, r)
                 meta.matrices[f"layers.{L}.{proj}"] = energy_profile(S, rank)
-            w.write(router_key(L), block.gate.weight[NEW].detach().float().contiguous())
+            w.write(router_key(L), tensors[router_key(L)].float().contiguous())  # (H,)
         if biased:
-            for L, block in enumerate(blocks):
-                w.write(f"layers.{L}.router_bias", block.gate.bias[NEW].detach().float().clamp(max=0).contiguous())
+            for L in range(num_layers):
+                w.write(router_bias_key(L), tensors[router_bias_key(L)].float().reshape(()).contiguous())
     meta.save(folder)
     return meta
