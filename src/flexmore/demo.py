@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from flexmore.storage import atomic_write_text
+from flexmore.training.corpus import DOMAINS
 
-DOMAINS = ("code", "docs", "math", "facts")  # flexmore.training.corpus's embedded domains
 Say = Callable[[str], None]
 Update = Callable[[int, int, str], None]  # progress(done, total, label)
 Bar = Callable[[str], AbstractContextManager[Update]]  # a progress bar per long step, e.g. cli.common.progress_bar
