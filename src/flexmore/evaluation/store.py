@@ -43,7 +43,6 @@ class ResultStore:
         self.path = Path(path)
         self._by_key: dict[Key, Result] = {}
         if self.path.exists():
-            _drop_torn_tail(self.path)
             for result in _read(self.path):
                 self._by_key[result.key] = result
 
@@ -74,16 +73,14 @@ class ResultStore:
             self._by_key[r.key] = r
 
 
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a final line without its newline (an interrupted append): that point is measured again."""
+def _read(path: Path) -> Iterator[Result]:
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
+        # A final line without its newline is an interrupted append: cut it, that point is measured again.
+        data = data[: data.rfind(b"\n") + 1]
         with path.open("r+b") as fh:
-            fh.truncate(data.rfind(b"\n") + 1)
-
-
-def _read(path: Path) -> Iterator[Result]:
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            fh.truncate(len(data))
+    for i, line in enumerate(data.decode("utf-8").splitlines()):
         if not line.strip():
             continue
         try:
