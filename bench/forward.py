@@ -91,25 +91,51 @@ def prepare(name: str, k: int, model: torch.nn.Module) -> None:
         model.set_forward_mode("naive" if name == "naive" else "shared_base")
 
 
-def interleaved(variants: list[Variant], run: Callable[[int], None], rounds: int) -> list[float]:
-    """Median seconds of run(i) per variant; every round times each variant once, so load from other
-    processes on the machine hits all variants alike instead of whichever ran during it."""
-    times: list[list[float]] = [[] for _ in variants]
+class MoeClock:
+    """Seconds spent inside the models' MoE blocks (router + experts), by forward hooks on every
+    `layer.mlp`: the part of the forward that FlexMoRE changes, apart from the attention, norms,
+    KV cache and LM head that every variant shares."""
+
+    def __init__(self, models: list[torch.nn.Module]) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+        for model in models:
+            for layer in model.model.layers:
+                layer.mlp.register_forward_pre_hook(self._enter)
+                layer.mlp.register_forward_hook(self._exit)
+
+    def _enter(self, *_: object) -> None:
+        self._start = time.perf_counter()
+
+    def _exit(self, *_: object) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+
+Timing = tuple[float, float]  # (seconds of the whole forward, seconds inside the MoE blocks)
+
+
+def interleaved(variants: list[Variant], run: Callable[[int], None], rounds: int, clock: MoeClock) -> list[Timing]:
+    """Median seconds of run(i) per variant, whole and in the MoE blocks; every round times each variant
+    once, so load from other processes on the machine hits all variants alike instead of whichever ran
+    during it."""
+    times: list[list[Timing]] = [[] for _ in variants]
     for r in range(rounds + 1):  # round 0 warms up
         for i, (name, k, model) in enumerate(variants):
             prepare(name, k, model)
+            clock.seconds = 0.0
             t = time.perf_counter()
             run(i)
             if r > 0:
-                times[i].append(time.perf_counter() - t)
-    return [statistics.median(t) for t in times]
+                times[i].append((time.perf_counter() - t, clock.seconds))
+    return [(statistics.median(a for a, _ in t), statistics.median(m for _, m in t)) for t in times]
 
 
-def measure(variants: list[Variant], prompt: torch.Tensor, repeats: int) -> tuple[list[float], list[float]]:
-    """(prefill seconds, one-token decode seconds) per variant at batch prompt.shape[0]."""
+def measure(variants: list[Variant], prompt: torch.Tensor, repeats: int) -> tuple[list[Timing], list[Timing]]:
+    """(prefill, one-token decode) timings per variant at batch prompt.shape[0]."""
     n = prompt.shape[1]
+    clock = MoeClock(list({id(m): m for _, _, m in variants}.values()))
     with torch.inference_mode():
-        prefill = interleaved(variants, lambda i: variants[i][2](prompt, logits_to_keep=1), repeats)
+        prefill = interleaved(variants, lambda i: variants[i][2](prompt, logits_to_keep=1), repeats, clock)
         caches, steps = [], []
         for name, k, model in variants:
             prepare(name, k, model)
@@ -124,8 +150,14 @@ def measure(variants: list[Variant], prompt: torch.Tensor, repeats: int) -> tupl
                 caches[i].crop(-extra)  # every repeat decodes the same position on the same cache
             variants[i][2](steps[i], cache=caches[i], use_cache=True)
 
-        decode_s = interleaved(variants, decode, repeats * 3)
+        decode_s = interleaved(variants, decode, repeats * 3, clock)
     return prefill, decode_s
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every weight but the input embedding, of which a forward reads only the tokens' rows."""
+    embed = model.get_input_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
 
 
 def routing_spread(model: FlexOlmoForCausalLM, prompt: torch.Tensor) -> list[float]:
@@ -173,25 +205,35 @@ def main() -> None:
     rows.append(("floor", 1, floor_t, floor_t))
     tokens = args.batch * args.prompt
     head = (
-        f"{'model':<9} {'top-k':>5} | {'prefill tok/s':>13} {'x stock':>8} {'x floor':>8} | "
-        f"{'decode tok/s':>12} {'x stock':>8} {'x floor':>8}"
+        f"{'model':<9} {'top-k':>5} | {'prefill tok/s':>13} {'x stock':>8} {'x floor':>8} {'MoE x st':>8} | "
+        f"{'decode tok/s':>12} {'x stock':>8} {'x floor':>8} {'MoE x st':>8}"
     )
     print(head + "\n" + "-" * len(head))
-    for name, k, (pre, dec), (pre_s, dec_s) in rows:
-        print(
-            f"{name:<9} {k:>5} | {tokens / pre:>13.0f} {pre / pre_s:>8.2f} {pre / floor_t[0]:>8.2f} | "
-            f"{args.batch / dec:>12.1f} {dec / dec_s:>8.2f} {dec / floor_t[1]:>8.2f}"
-        )
+    for name, k, timings, stock_t in rows:
+        cells = []
+        for n, (t, moe), (t_s, moe_s), (t_f, _) in zip((tokens, args.batch), timings, stock_t, floor_t, strict=True):
+            cells.append(
+                f"{n / t:>{13 if n == tokens else 12}.{0 if n == tokens else 1}f} {t / t_s:>8.2f} "
+                f"{t / t_f:>8.2f} {moe / moe_s:>8.2f}"
+            )
+        print(f"{name:<9} {k:>5} | {cells[0]} | {cells[1]}")
     print(
-        "\n'x stock' / 'x floor': time relative to stock FlexOlmo at the same top-k / to the floor (lower is better)."
+        "\n'x stock' / 'x floor': time of the whole forward relative to stock FlexOlmo at the same top-k / to the "
+        "floor;\n'MoE x st': time inside the MoE blocks (router + experts) relative to stock's (lower is better)."
     )
     H, I = c.hidden_size, c.intermediate_size
     low = sum(3 * r * (H + I) for r in c.expert_ranks if r)
     attn, full = 4 * H * H, 3 * H * I
     print(
-        f"per-token MACs per layer at top-7: attention projections {attn / 1e6:.1f}M, one full expert "
+        f"bounds at top-7: per-token MACs per layer: attention projections {attn / 1e6:.1f}M, one full expert "
         f"{full / 1e6:.1f}M, all low-rank terms {low / 1e6:.1f}M -> FlexMoRE/floor (attention + FFN) "
-        f"{(attn + full + low) / (attn + full):.2f}x, stock/floor {(attn + 7 * full) / (attn + full):.2f}x"
+        f"{(attn + full + low) / (attn + full):.2f}x, FlexMoRE/stock {(attn + full + low) / (attn + 7 * full):.2f}x"
+    )
+    read = {name: weight_bytes(m) for name, m in (("stock", stock), ("flexmore", flexmore), ("floor", floor))}
+    print(
+        f"  weights read per decode step (every expert is routed at top-7): stock {read['stock'] / 1e6:.0f} MB, "
+        f"FlexMoRE {read['flexmore'] / 1e6:.0f} MB, floor {read['floor'] / 1e6:.0f} MB -> FlexMoRE/stock "
+        f"{read['flexmore'] / read['stock']:.2f}x, FlexMoRE/floor {read['flexmore'] / read['floor']:.2f}x"
     )
     load = os.getloadavg()[0]
     print(f"load average (1 min) before {load_before:.2f}, after {load:.2f} on {os.cpu_count()} CPUs")

@@ -11,7 +11,14 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, FlexOlmoConfig, FlexOlmoForCausalLM
 
-from flexmore.mixture import ExpertParts, FlexMoReConfig, FlexMoReForCausalLM, compose_low_rank, from_flexolmo
+from flexmore.mixture import (
+    ExpertParts,
+    FlexMoReConfig,
+    FlexMoReForCausalLM,
+    compose_low_rank,
+    from_flexolmo,
+    gather_offloaded_experts,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -255,6 +262,42 @@ def test_opt_out_equals_mixture_without_the_expert() -> None:
     assert torch.equal(logits(full, ids), before)
     with pytest.raises(ValueError, match="active_experts"):
         full.set_active_experts(["public", "nope"])
+
+
+OFFLOAD_LAYER_1 = {  # layer 1 on disk, the rest in memory: accelerate loads layer 1 around its forward
+    "model.embed_tokens": "cpu",
+    "model.rotary_emb": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.norm": "cpu",
+    "lm_head": "cpu",
+}
+
+
+def test_device_map_with_disk_offload_equals_in_memory(tmp_path: Path) -> None:
+    from accelerate import dispatch_model
+
+    model = hetero((3, 17, 64), top_k=3)
+    ids = tokens()
+    ref = logits(model, ids)
+    model.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "m", device_map=OFFLOAD_LAYER_1, offload_folder=str(tmp_path / "offload")
+    ).eval()
+    factor = loaded.model.layers[1].mlp.experts.low_rank["2"].down_proj.lora_B
+    assert factor.is_meta  # really offloaded
+    assert torch.equal(logits(loaded, ids), ref)
+    assert factor.is_meta  # and given back after the forward
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(loaded.generate(ids[:1, :5], **kw), model.generate(ids[:1, :5], **kw))
+
+    # accelerate on its own hooks each LoRAFactors module, whose forward the shared-base path never calls:
+    # a clear error, not garbage, until the hooks are gathered onto FlexMoReExperts.
+    dispatched = dispatch_model(hetero((3, 17, 64), top_k=3), OFFLOAD_LAYER_1, offload_dir=str(tmp_path / "d"))
+    with pytest.raises(RuntimeError, match="meta device"):
+        logits(dispatched, ids)
+    gather_offloaded_experts(dispatched)
+    assert torch.equal(logits(dispatched, ids), ref)
 
 
 def _base_kwargs(E: int = 3) -> dict:

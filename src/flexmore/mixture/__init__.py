@@ -9,7 +9,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from flexmore.mixture.config import FlexMoReConfig
 from flexmore.mixture.convert import ExpertParts, compose_low_rank, from_flexolmo, to_flexolmo
 from flexmore.mixture.experts import FlexMoReExperts
-from flexmore.mixture.modeling import FlexMoReForCausalLM, FlexMoReModel, FlexMoReSparseMoeBlock
+from flexmore.mixture.modeling import (
+    FlexMoReForCausalLM,
+    FlexMoReModel,
+    FlexMoReSparseMoeBlock,
+    gather_offloaded_experts,
+)
 
 AutoConfig.register("flexmore", FlexMoReConfig, exist_ok=True)
 AutoModelForCausalLM.register(FlexMoReConfig, FlexMoReForCausalLM, exist_ok=True)
@@ -23,5 +28,6 @@ __all__ = [
     "FlexMoReSparseMoeBlock",
     "compose_low_rank",
     "from_flexolmo",
+    "gather_offloaded_experts",
     "to_flexolmo",
 ]

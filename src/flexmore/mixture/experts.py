@@ -96,9 +96,20 @@ class FlexMoReExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """x (T, H), top_k_index / top_k_weights (T, k) -> (T, H)."""
+        hook = getattr(self, "_hf_hook", None)  # accelerate's, under a device_map that offloads this layer
+        if hook is not None and getattr(hook, "offload", False) and not hook.place_submodules:
+            self._check_loaded()
         if self.forward_impl == "naive":
             return self._naive(x, top_k_index, top_k_weights)
         return shared_base_forward(self, x, top_k_index, top_k_weights)
+
+    def _check_loaded(self) -> None:
+        if any(p.is_meta for p in self.low_rank.parameters()):
+            raise RuntimeError(
+                "low-rank expert weights are on the meta device: accelerate offloaded them with hooks that "
+                "load them only around each submodule's own forward. Load with FlexMoReForCausalLM."
+                "from_pretrained(..., device_map=...) or call flexmore.mixture.gather_offloaded_experts(model)"
+            )
 
     def routes(
         self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor

@@ -9,7 +9,7 @@ weight-conversion mapping is registered for model_type "flexmore", so disk names
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +111,12 @@ class FlexMoRePreTrainedModel(FlexOlmoPreTrainedModel):
         "attentions": FlexOlmoAttention,
     }
 
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        loaded = super().from_pretrained(*args, **kwargs)
+        gather_offloaded_experts(loaded[0] if isinstance(loaded, tuple) else loaded)  # (model, info)
+        return loaded
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range
@@ -125,6 +131,36 @@ class FlexMoRePreTrainedModel(FlexOlmoPreTrainedModel):
             # LoRA's init: B = 0, so a new low-rank expert starts equal to its base.
             init.normal_(module.lora_A, mean=0.0, std=std)
             init.zeros_(module.lora_B)
+
+
+def gather_offloaded_experts(model: nn.Module) -> None:
+    """Let every offloaded `FlexMoReExperts` load all of its weights around its own forward.
+
+    With a device_map that offloads to "cpu" or "disk", accelerate hooks each module that owns weights
+    and loads them only around that module's own forward. The shared-base forward reads every low-rank
+    expert's factors inside `FlexMoReExperts.forward`, so one hook there must load them all: accelerate's
+    `preload_module_classes`, which transformers' `from_pretrained` does not pass."""
+    hooked = [m for m in model.modules() if isinstance(m, FlexMoReExperts) and hasattr(m, "_hf_hook")]
+    if not hooked:
+        return  # not dispatched by accelerate (which may not be installed)
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_submodules
+
+    for module in hooked:
+        hook = module._hf_hook
+        if not (isinstance(hook, AlignDevicesHook) and hook.offload):
+            continue
+        remove_hook_from_submodules(module)  # offloaded tensors stay on "meta"
+        whole = AlignDevicesHook(
+            execution_device=hook.execution_device,
+            offload=True,
+            io_same_device=hook.io_same_device,
+            weights_map=hook.weights_map,  # prefixed by this module's name: holds the submodules' tensors too
+            offload_buffers=hook.offload_buffers,
+            place_submodules=True,
+            skip_keys=hook.skip_keys,
+            tied_params_map=hook.tied_params_map,
+        )
+        add_hook_to_module(module, whole)
 
 
 class FlexMoReModel(FlexMoRePreTrainedModel, FlexOlmoModel):
