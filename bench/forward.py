@@ -217,6 +217,12 @@ def main() -> None:
                 f"{t / t_f:>8.2f} {moe / moe_s:>8.2f}"
             )
         print(f"{name:<9} {k:>5} | {cells[0]} | {cells[1]}")
+    for phase, j in (("prefill", 0), ("decode", 1)):
+        ms = ", ".join(
+            f"{name} {result[(name, k)][j][0] * 1e3:.1f} / {result[(name, k)][j][1] * 1e3:.1f}"
+            for name, k in (("stock", 7), ("flexmore", 7), ("floor", 1))
+        )
+        print(f"{phase} ms per forward (whole / inside the MoE blocks): {ms}")
     print(
         "\n'x stock' / 'x floor': time of the whole forward relative to stock FlexOlmo at the same top-k / to the "
         "floor;\n'MoE x st': time inside the MoE blocks (router + experts) relative to stock's (lower is better)."
