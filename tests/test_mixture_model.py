@@ -294,10 +294,17 @@ def test_device_map_with_disk_offload_equals_in_memory(tmp_path: Path) -> None:
     # accelerate on its own hooks each LoRAFactors module, whose forward the shared-base path never calls:
     # a clear error, not garbage, until the hooks are gathered onto FlexMoReExperts.
     dispatched = dispatch_model(hetero((3, 17, 64), top_k=3), OFFLOAD_LAYER_1, offload_dir=str(tmp_path / "d"))
-    with pytest.raises(RuntimeError, match="meta device"):
+    with pytest.raises(RuntimeError, match="low-rank expert weights are on the meta device"):
         logits(dispatched, ids)
     gather_offloaded_experts(dispatched)
     assert torch.equal(logits(dispatched, ids), ref)
+
+    # Finer than a layer (below _no_split_modules): not gathered, but refused rather than wrong.
+    finer = {**OFFLOAD_LAYER_1, "model.layers.1": "cpu", "model.layers.1.mlp.experts.low_rank.2": "disk"}
+    dispatched = dispatch_model(hetero((3, 17, 64), top_k=3), finer, offload_dir=str(tmp_path / "d2"))
+    gather_offloaded_experts(dispatched)
+    with pytest.raises(RuntimeError, match="low-rank expert weights are on the meta device"):
+        logits(dispatched, ids)
 
 
 def _base_kwargs(E: int = 3) -> dict:

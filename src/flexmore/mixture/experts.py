@@ -69,6 +69,7 @@ class FlexMoReExperts(nn.Module):
         # Token rows per chunk of the no-grad shared-base forward on CPU: (chunk, I) fp32 buffers of
         # ~1.5 MiB stay in L2/L3 (measured on a 2-core EPYC: 256-512 rows best at I = 2752).
         self.chunk_tokens = max(64, 2**20 // I)
+        self._checked_hook: object = None
 
     def expert(self, e: int) -> LowRankExpert:
         return cast(LowRankExpert, self.low_rank[str(e)])
@@ -96,9 +97,10 @@ class FlexMoReExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """x (T, H), top_k_index / top_k_weights (T, k) -> (T, H)."""
-        hook = getattr(self, "_hf_hook", None)  # accelerate's, under a device_map that offloads this layer
-        if hook is not None and getattr(hook, "offload", False) and not hook.place_submodules:
-            self._check_loaded()
+        hook = getattr(self, "_hf_hook", None)  # accelerate's, under a multi-device or offloading device_map
+        if hook is not None and hook is not self._checked_hook:
+            self._check_loaded()  # once per hook: offloaded factors are on "meta" whenever they are not loaded
+            self._checked_hook = hook
         if self.forward_impl == "naive":
             return self._naive(x, top_k_index, top_k_weights)
         return shared_base_forward(self, x, top_k_index, top_k_weights)
