@@ -22,7 +22,7 @@ def compose_command(
         list[str],
         typer.Option(
             "--expert",
-            help="NAME=DIR[@RANK]: a low-rank expert folder at its max rank or a prefix rank; "
+            help="NAME=DIR\\[@RANK]: a low-rank expert folder at its max rank or a prefix rank; "
             "NAME=CHECKPOINT#INDEX: full expert INDEX of a FlexOlmo checkpoint. Repeat, in routing order.",
         ),
     ],
