@@ -16,6 +16,10 @@ def test_help_lists_commands() -> None:
     assert result.exit_code == 0
     for command in ("extract", "params", "demo"):
         assert command in result.output
+    # Option syntax in square brackets survives rich's markup (it once ate "[@RANK]").
+    for command, syntax in (("compose", "NAME=DIR[@RANK]"), ("select", "budget:PARAMS[:GROUP]")):
+        result = CliRunner().invoke(app, [command, "--help"], terminal_width=200)
+        assert syntax in result.output, command
 
 
 def test_extract_command(tmp_path: Path) -> None:
