@@ -31,7 +31,7 @@ import flexmore.mixture  # noqa: F401 - registers model_type "flexmore" with the
 from flexmore.cli import app as cli
 from flexmore.federated import client_app
 from flexmore.federated.config import FederateConfig, NodeSpec, TrainRequest, parse_node_map
-from flexmore.federated.coordinator import MESSAGES, Round
+from flexmore.federated.coordinator import MESSAGES, Round, connected_nodes
 from flexmore.federated.processes import ProcessGroup, _alive, descendants
 from flexmore.federated.runner import FederationResult, run_deployment, run_simulation
 from flexmore.federated.store import RECEIPT, PublicModel
@@ -227,6 +227,24 @@ class FakeGrid:
             for m in self.pushed
             if m.metadata.message_id in ids and (reply := self.replies[m.metadata.dst_node_id]) is not None
         ]
+
+
+def test_connected_nodes_waits_for_the_wanted_count_then_gives_what_is_there() -> None:
+    arrivals = {0.0: [], 1.0: [7], 2.0: [7, 3]}  # node ids connected from each second on
+    now = [0.0]
+
+    class Arriving:
+        def get_node_ids(self) -> list[int]:
+            return arrivals[max(t for t in arrivals if t <= now[0])]
+
+    def run(wanted: int, wait_s: float) -> tuple[list[int], float]:
+        now[0] = 0.0
+        got = connected_nodes(Arriving(), wanted, wait_s, lambda: now[0], lambda s: now.__setitem__(0, now[0] + s))
+        return got, now[0]
+
+    assert run(2, 60.0) == ([3, 7], 2.0)  # as soon as both are there, sorted
+    assert run(3, 5.0) == ([3, 7], 5.0)  # not all by the deadline: those there
+    assert run(1, 0.0) == ([], 0.0)  # no wait: nobody yet
 
 
 def expert_reply(name: str, extra: dict | None = None) -> RecordDict:

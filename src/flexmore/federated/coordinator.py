@@ -82,6 +82,23 @@ class MessageLog:
         return size
 
 
+def connected_nodes(
+    grid: GridLike,
+    wanted: int,
+    wait_s: float,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    poll_s: float = 0.5,
+) -> list[int]:
+    """The connected node ids, sorted, as soon as `wanted` are there, or whatever is there at `wait_s`."""
+    deadline = clock() + wait_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= wanted or clock() >= deadline:
+            return nodes
+        sleep(poll_s)
+
+
 class Round:
     def __init__(
         self,
@@ -130,17 +147,13 @@ class Round:
         return report
 
     def _wait_for_nodes(self) -> list[int]:
-        deadline = self.clock() + self.config.wait_nodes_s
-        while True:
-            nodes = sorted(self.grid.get_node_ids())
-            if len(nodes) >= self.config.min_nodes:
-                return nodes
-            if self.clock() >= deadline:
-                if not nodes:
-                    raise RuntimeError(f"no SuperNode connected within {self.config.wait_nodes_s:.0f}s")
-                log(WARNING, "[flexmore] only %d of %d nodes connected; going on", len(nodes), self.config.min_nodes)
-                return nodes
-            self.sleep(self.poll_s)
+        wanted, wait_s = self.config.min_nodes, self.config.wait_nodes_s
+        nodes = connected_nodes(self.grid, wanted, wait_s, self.clock, self.sleep, self.poll_s)
+        if not nodes:
+            raise RuntimeError(f"no SuperNode connected within {wait_s:.0f}s")
+        if len(nodes) < wanted:
+            log(WARNING, "[flexmore] only %d of %d nodes connected; going on", len(nodes), wanted)
+        return nodes
 
     def _train(self, nodes: list[int], public: PublicModel, saved: dict[str, SavedExpert]) -> None:
         request = self.config.request(public.sha256, skip=sorted(saved)).to_record()

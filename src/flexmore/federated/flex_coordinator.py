@@ -29,6 +29,7 @@ from flexmore.flex.report import write_report
 from flexmore.flex.server import initial_shared
 from flexmore.storage import atomic_write_text
 
+from .coordinator import connected_nodes
 from .wire import message_bytes, payload_bytes, to_array_record
 
 REPORT, METRICS, CHECKPOINT = "flex.json", "metrics.jsonl", "checkpoint"
@@ -85,15 +86,12 @@ class FlexServer:
         return state
 
     def _wait_for_nodes(self) -> list[int]:
-        deadline = time.monotonic() + self.config.wait_nodes_s
-        while True:
-            nodes = sorted(self.grid.get_node_ids())
-            if len(nodes) >= self.config.clients:
-                return nodes[: self.config.clients]
-            if time.monotonic() >= deadline:
-                raise RuntimeError(f"only {len(nodes)} of {self.config.clients} clients connected "
-                                   f"within {self.config.wait_nodes_s:.0f}s")  # fmt: skip
-            time.sleep(0.5)
+        nodes = connected_nodes(self.grid, self.config.clients, self.config.wait_nodes_s)
+        if len(nodes) < self.config.clients:
+            raise RuntimeError(
+                f"only {len(nodes)} of {self.config.clients} clients connected within {self.config.wait_nodes_s:.0f}s"
+            )
+        return nodes[: self.config.clients]
 
     # -- one round ---------------------------------------------------------------------------
     def _messages(self, nodes: list[int], state: ServerState, server_round: int, kind: str) -> list[Message]:
