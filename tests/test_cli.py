@@ -22,6 +22,22 @@ def test_help_lists_commands() -> None:
         assert syntax in result.output, command
 
 
+def test_fail_keeps_bracketed_text_and_exits_1() -> None:
+    import typer
+
+    from flexmore.cli.common import fail
+
+    probe = typer.Typer()
+
+    @probe.command()
+    def run() -> None:
+        fail("federation failed", "see /runs/[fed]/superlink.log")
+
+    result = CliRunner().invoke(probe, [], terminal_width=200)
+    assert result.exit_code == 1
+    assert "federation failed: see /runs/[fed]/superlink.log" in result.output
+
+
 def test_extract_command(tmp_path: Path) -> None:
     save_tiny_flexolmo(tmp_path / "src", tiny_config(3))
     result = CliRunner().invoke(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -40,6 +41,12 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int, str], None]]:
             bar.update(task, completed=done, total=total, label=label)
 
         yield update
+
+
+def fail(what: str, message: object) -> NoReturn:
+    """A run that did not complete: its message (escaped: it names paths), exit code 1."""
+    console.print(f"[red]{what}:[/red] {escape(str(message))}", soft_wrap=True, highlight=False)
+    raise typer.Exit(1)
 
 
 @contextlib.contextmanager

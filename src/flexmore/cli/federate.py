@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from flexmore.cli.common import console, user_errors
+from flexmore.cli.common import console, fail, user_errors
 from flexmore.cli.common import out as stdout
 
 EMBEDDED = ("code", "docs", "math", "facts")  # flexmore.training.corpus.DOMAINS, without importing it
@@ -104,8 +104,7 @@ def federate_command(
             else:
                 result = run_deployment(config, echo=_echo)
         except FederationError as err:
-            console.print(f"[red]federation failed:[/red] {err}", markup=True, highlight=False)
-            raise typer.Exit(1) from err
+            fail("federation failed", err)
 
     report = result.report
     for node in report["nodes"]:
@@ -128,6 +127,5 @@ def federate_command(
         highlight=False,
     )
     if report.get("mixture") is None:
-        console.print(f"[red]no mixture:[/red] {report.get('error')}", highlight=False)
-        raise typer.Exit(1)
+        fail("no mixture", report.get("error"))
     stdout.print(f"mixture -> {report['mixture']}", highlight=False)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from flexmore.cli.common import console, user_errors
+from flexmore.cli.common import fail, user_errors
 from flexmore.cli.common import out as stdout
 
 
@@ -82,12 +82,10 @@ def flex_command(
             else:
                 result = run_flex_deployment(config, echo=_echo)
         except FederationError as err:
-            console.print(f"[red]flex failed:[/red] {err}", markup=True, highlight=False)
-            raise typer.Exit(1) from err
+            fail("flex failed", err)
     report = result.report
     if report.get("error"):
-        console.print(f"[red]flex failed:[/red] {report['error']}", highlight=False)
-        raise typer.Exit(1)
+        fail("flex failed", report["error"])
     from flexmore.flex.report import table
 
     stdout.print(table([report["summary"]]), highlight=False)
