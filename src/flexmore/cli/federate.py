@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from flexmore.cli.common import console, fail, user_errors
 from flexmore.cli.common import out as stdout
@@ -119,7 +120,11 @@ def federate_command(
         elif node["status"] == "skipped":
             stdout.print(f"{who}: already received in an earlier run, skipped", highlight=False)
         else:
-            console.print(f"[yellow]{who}: left out[/yellow]: {node['reason']}", highlight=False, soft_wrap=True)
+            console.print(
+                f"[yellow]{escape(who)}: left out[/yellow]: {escape(str(node['reason']))}",
+                highlight=False,
+                soft_wrap=True,
+            )
     b = report["bytes"]
     stdout.print(
         f"bytes sent {b['sent']:,}, received {b['received']:,}; {len(report['experts'])} expert(s) in the mixture; "
