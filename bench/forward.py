@@ -210,12 +210,12 @@ def main() -> None:
     )
     print(head + "\n" + "-" * len(head))
     for name, k, timings, stock_t in rows:
-        cells = []
-        for n, (t, moe), (t_s, moe_s), (t_f, _) in zip((tokens, args.batch), timings, stock_t, floor_t, strict=True):
-            cells.append(
-                f"{n / t:>{13 if n == tokens else 12}.{0 if n == tokens else 1}f} {t / t_s:>8.2f} "
-                f"{t / t_f:>8.2f} {moe / moe_s:>8.2f}"
+        cells = [  # prefill, then decode
+            f"{n / t:>{width}.{digits}f} {t / t_s:>8.2f} {t / t_f:>8.2f} {moe / moe_s:>8.2f}"
+            for n, width, digits, (t, moe), (t_s, moe_s), (t_f, _) in zip(
+                (tokens, args.batch), (13, 12), (0, 1), timings, stock_t, floor_t, strict=True
             )
+        ]
         print(f"{name:<9} {k:>5} | {cells[0]} | {cells[1]}")
     for phase, j in (("prefill", 0), ("decode", 1)):
         ms = ", ".join(
